@@ -1,0 +1,276 @@
+"""Public API: enable/disable spatial parallelism on an unmodified diffusers ``AutoencoderKLWan``.
+
+Two ways to run a parallelized model:
+
+* replicated mode (drop-in for pipelines): every rank calls ``vae.encode(x)`` / ``vae.decode(z)`` with the same
+  full input and receives the same full output as the unmodified model. Internally the input is sharded by rows,
+  each rank runs the model on its rows, and the output is all-gathered. Gradients: every rank computes the same
+  loss of the full output; parameter gradients summed over the group equal the single-process gradients.
+* sharded mode (training): ``sharded_encode`` / ``sharded_decode`` take and return this rank's rows only, so a
+  training step never materializes the full video on any rank. Each rank's loss is a part of the total; parameter
+  gradients summed over the group equal the single-process gradients of the summed loss (see
+  :func:`parallel_vae.loss.sharded_loss` for DDP / DeepSpeed averaging).
+
+While enabled, the model's ``encoder`` and ``decoder`` operate on row shards of the spatial group.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
+from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
+
+from .comm import _all_gather_single, gather_rows, group_rank, group_size, scatter_rows
+from .layers import SpatialState
+from .sharding import ShardingError, check_latent_height, check_pixel_height, nearest_valid, row_split, scale_sizes
+from .wan import apply_plan, latent_channels, pixel_channels, plan_for, remove_plan, spatial_factor
+
+__all__ = [
+    "enable_spatial_parallelism",
+    "disable_spatial_parallelism",
+    "is_spatially_parallel",
+    "spatial_group",
+    "sharded_encode",
+    "sharded_decode",
+    "shard_video",
+    "shard_latents",
+    "gather_shards",
+    "local_rows",
+]
+
+_STATE_ATTR = "_pv_state"
+
+# Codes for the agreement collective. Order is part of the wire format between ranks of one run only.
+_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+_OPS = ["encode", "decode", "sharded_encode", "sharded_decode"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# enable / disable
+# --------------------------------------------------------------------------------------------------------------
+
+
+def enable_spatial_parallelism(vae: AutoencoderKLWan, group: Optional[dist.ProcessGroup] = None) -> AutoencoderKLWan:
+    """Parallelize ``vae`` over the ranks of ``group`` by rows, in place, and return it.
+
+    Arguments:
+        vae: a diffusers ``AutoencoderKLWan`` (Wan2.1 or Wan2.2 layout). Its parameters and ``state_dict`` keys
+            are unchanged, so a model saved while enabled loads in plain diffusers.
+        group: the spatial process group. ``None`` means the default (world) group. Every rank of the group must
+            call this, and then call the same encode/decode methods in the same order.
+
+    Returns:
+        ``vae`` itself. With a group of one rank nothing is changed (the cheap no-op path).
+
+    All ranks of ``group`` must already have called ``torch.distributed.init_process_group``. Call
+    :func:`disable_spatial_parallelism` to restore the original behaviour.
+    """
+    if not isinstance(vae, AutoencoderKLWan):
+        raise TypeError(f"enable_spatial_parallelism expects a diffusers AutoencoderKLWan, got {type(vae).__name__}")
+    if is_spatially_parallel(vae):
+        raise RuntimeError("spatial parallelism is already enabled on this model; disable it first")
+    if group is None and dist.is_available() and dist.is_initialized():
+        group = dist.group.WORLD
+    if group is not None and group is not dist.GroupMember.WORLD and dist.get_rank(group) < 0:
+        raise ValueError("this process is not a member of the given group; only members may enable it")
+    size = group_size(group)
+    state = SpatialState(group, size, spatial_factor(vae))
+    if size > 1:
+        plan = plan_for(vae)  # raises before anything is changed if the model holds an unknown module
+        apply_plan(vae, plan, state)
+        # Instance attributes take precedence over the class methods that encode()/decode() call.
+        vae._encode = types.MethodType(_replicated_encode, vae)
+        vae._decode = types.MethodType(_replicated_decode, vae)
+    setattr(vae, _STATE_ATTR, state)
+    return vae
+
+
+def disable_spatial_parallelism(vae: AutoencoderKLWan) -> AutoencoderKLWan:
+    """Undo :func:`enable_spatial_parallelism` in place and return ``vae``."""
+    remove_plan(vae)
+    for name in ("_encode", "_decode", _STATE_ATTR):
+        vae.__dict__.pop(name, None)
+    return vae
+
+
+def is_spatially_parallel(vae: AutoencoderKLWan) -> bool:
+    """Whether :func:`enable_spatial_parallelism` is in effect on ``vae``."""
+    return _STATE_ATTR in vae.__dict__
+
+
+def spatial_group(vae: AutoencoderKLWan):
+    """The process group ``vae`` was parallelized over."""
+    return _state(vae).group
+
+
+def _state(vae) -> SpatialState:
+    state = vae.__dict__.get(_STATE_ATTR)
+    if state is None:
+        raise RuntimeError("spatial parallelism is not enabled on this model; call enable_spatial_parallelism first")
+    return state
+
+
+# --------------------------------------------------------------------------------------------------------------
+# agreement: before any work, all ranks check they are about to do the same thing
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _describe(row: list[int]) -> str:
+    op, dtype, ndim = row[0], row[1], row[2]
+    shape = tuple(row[3 : 3 + ndim])
+    dname = str(_DTYPES[dtype]).replace("torch.", "") if 0 <= dtype < len(_DTYPES) else "unsupported dtype"
+    return f"{_OPS[op]} of {dname} {shape}"
+
+
+def _agree(vae, op: str, x: torch.Tensor, state: SpatialState) -> list[int]:
+    """All-gather (op, dtype, shape) from every rank, validate, and return each rank's row count of ``x``.
+
+    In replicated mode the shapes must be identical and the returned split is the balanced one; in sharded mode
+    the heights may differ and are returned as given. Every rank sees the same table, so every rank raises the
+    same error (no rank proceeds to a collective that the others skip).
+    """
+    sharded = op.startswith("sharded")
+    latent = op.endswith("decode")
+    unit = 1 if latent else state.factor
+    dims = list(x.shape) + [0] * (6 - x.dim()) if x.dim() <= 6 else list(x.shape[:6])
+    dtype_code = _DTYPES.index(x.dtype) if x.dtype in _DTYPES else -1
+    meta = torch.tensor([_OPS.index(op), dtype_code, x.dim()] + dims, dtype=torch.int64, device=x.device)
+    table = torch.empty((state.size, meta.numel()), dtype=torch.int64, device=x.device)
+    _all_gather_single(table, meta.unsqueeze(0), state.group)
+    rows = [[int(v) for v in r] for r in table.tolist()]
+
+    def fail(msg: str):
+        listing = "; ".join(f"rank {r}: {_describe(row)}" for r, row in enumerate(rows))
+        raise ShardingError(f"{msg} [{listing}]")
+
+    # Same op, dtype and rank count everywhere; in sharded mode every dim but the height must match.
+    height_dim = 3 + 3  # offset 3 in the table, then dim 3 of (B, C, T, H, W)
+    for r, row in enumerate(rows):
+        a, b = list(rows[0]), list(row)
+        if sharded:
+            a[height_dim] = b[height_dim] = 0
+        if a != b:
+            fail(f"ranks of the spatial group disagree on the input (rank 0 vs rank {r})")
+    op_name = "decode" if latent else "encode"
+    ndim = rows[0][2]
+    if ndim != 5:
+        fail(f"{op_name} expects a 5-D (batch, channels, frames, height, width) tensor, got {ndim}-D")
+    if dtype_code < 0:
+        fail(f"unsupported dtype {x.dtype}")
+    channels = latent_channels(vae) if latent else pixel_channels(vae)
+    if rows[0][4] != channels:
+        what = "latent" if latent else "pixel"
+        fail(f"{op_name} expects {channels} {what} channels (dim 1), got {rows[0][4]}")
+    heights = [row[height_dim] for row in rows]
+    world, factor = state.size, state.factor
+    if not sharded:
+        if latent:
+            check_latent_height(heights[0], world, factor)
+            return row_split(heights[0], world)
+        check_pixel_height(heights[0], world, factor)
+        return scale_sizes(row_split(heights[0] // factor, world), factor)
+    bad = [r for r, h in enumerate(heights) if h < unit or h % unit]
+    if bad:
+        need = "at least 1 latent row" if latent else f"a positive multiple of {factor} pixel rows"
+        hint = "" if latent else f" (nearest: {', '.join(str(nearest_valid(heights[r], factor)) for r in bad)})"
+        fail(f"every rank's shard needs {need}; ranks {bad} have heights {[heights[r] for r in bad]}{hint}")
+    return heights
+
+
+def _check_tiling(vae) -> None:
+    if vae.use_tiling:
+        raise RuntimeError(
+            "spatial parallelism and diffusers tiling are exclusive (tiles would be cut from shards); "
+            "call vae.disable_tiling() - the rows are already split over the group"
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# replicated mode: installed as vae._encode / vae._decode
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _replicated_encode(self, x: torch.Tensor) -> torch.Tensor:
+    state = _state(self)
+    _check_tiling(self)
+    sizes = _agree(self, "encode", x, state)
+    # (B, C, T, H, W) -> (B, C, T, H_r, W): my pixel rows; backward all-gathers the input gradient.
+    x_local = scatter_rows(x, state.group, dim=3, sizes=sizes)
+    h_local = type(self)._encode(self, x_local)
+    return gather_rows(h_local, state.group, dim=3, sizes=[s // state.factor for s in sizes])
+
+
+def _replicated_decode(self, z: torch.Tensor, return_dict: bool = True):
+    state = _state(self)
+    _check_tiling(self)
+    sizes = _agree(self, "decode", z, state)
+    z_local = scatter_rows(z, state.group, dim=3, sizes=sizes)
+    out_local = type(self)._decode(self, z_local, return_dict=False)[0]
+    out = gather_rows(out_local, state.group, dim=3, sizes=scale_sizes(sizes, state.factor))
+    return DecoderOutput(sample=out) if return_dict else (out,)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# sharded mode
+# --------------------------------------------------------------------------------------------------------------
+
+
+def sharded_encode(vae: AutoencoderKLWan, x_local: torch.Tensor) -> DiagonalGaussianDistribution:
+    """Encode this rank's pixel rows; returns the posterior over this rank's latent rows.
+
+    ``x_local`` is (B, C, T, H_r, W) with H_r a positive multiple of the spatial factor; the shards of the group,
+    in group-rank order, are the rows of the whole video (any split; :func:`shard_video` gives the balanced one).
+    """
+    state = _state(vae)
+    if state.size == 1:
+        return vae.encode(x_local).latent_dist
+    _check_tiling(vae)
+    _agree(vae, "sharded_encode", x_local, state)
+    parts = x_local.split(1) if vae.use_slicing and x_local.shape[0] > 1 else [x_local]
+    h = torch.cat([type(vae)._encode(vae, p) for p in parts])
+    return DiagonalGaussianDistribution(h)
+
+
+def sharded_decode(vae: AutoencoderKLWan, z_local: torch.Tensor) -> torch.Tensor:
+    """Decode this rank's latent rows (B, C, T, h_r, W) into its pixel rows (B, C', T', h_r x factor, W x factor)."""
+    state = _state(vae)
+    if state.size == 1:
+        return vae.decode(z_local).sample
+    _check_tiling(vae)
+    _agree(vae, "sharded_decode", z_local, state)
+    parts = z_local.split(1) if vae.use_slicing and z_local.shape[0] > 1 else [z_local]
+    return torch.cat([type(vae)._decode(vae, p, return_dict=False)[0] for p in parts])
+
+
+def local_rows(vae: AutoencoderKLWan, latent_height: int) -> tuple[int, int]:
+    """(first latent row, number of latent rows) of this rank under the balanced split of ``latent_height``."""
+    state = _state(vae)
+    check_latent_height(latent_height, state.size, state.factor)
+    sizes = row_split(latent_height, state.size)
+    rank = group_rank(state.group) if state.size > 1 else 0
+    return sum(sizes[:rank]), sizes[rank]
+
+
+def shard_video(vae: AutoencoderKLWan, x: torch.Tensor) -> torch.Tensor:
+    """forward: keep my pixel rows of a full video (balanced split in latent-row units); backward: all-gather."""
+    state = _state(vae)
+    check_pixel_height(x.shape[-2], state.size, state.factor)
+    return scatter_rows(x, state.group, dim=-2, unit=state.factor)
+
+
+def shard_latents(vae: AutoencoderKLWan, z: torch.Tensor) -> torch.Tensor:
+    """forward: keep my latent rows of full latents (balanced split); backward: all-gather."""
+    state = _state(vae)
+    check_latent_height(z.shape[-2], state.size, state.factor)
+    return scatter_rows(z, state.group, dim=-2)
+
+
+def gather_shards(vae: AutoencoderKLWan, x_local: torch.Tensor, sum_grads: bool = False) -> torch.Tensor:
+    """forward: all-gather the group's row shards (variable sizes) into the full tensor; backward: keep my rows'
+    gradient (every rank computes the same loss), or reduce-scatter it with ``sum_grads=True``."""
+    state = _state(vae)
+    return gather_rows(x_local, state.group, dim=-2, sum_grads=sum_grads)

@@ -1,0 +1,302 @@
+"""Communication for row-sharded tensors: private collectives, autograd Functions, public wrappers.
+
+The file reads in three sections, in the order Megatron-LM's ``mappings.py`` uses:
+
+1. private collectives (``_halo_exchange``, ``_halo_return``, ``_split``, ``_gather``, ``_reduce_scatter``):
+   plain functions on tensors, no autograd, each testable on its own;
+2. ``torch.autograd.Function`` classes named for their forward, whose backward calls the mirror helper;
+3. one-line public wrappers with a "forward: X, backward: Y" docstring.
+
+Every function takes an explicit ``group``. Point-to-point peers are *group* ranks mapped to *global* ranks
+with ``dist.get_global_rank`` (passing a group rank as a global peer is the classic subgroup hang).
+Every helper returns its input untouched (or the layer's own zero padding) when the group has one rank.
+Edge ranks pad with zeros exactly as the layer's own padding would; there is no ring wrap.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .sharding import ShardingError, row_split
+
+__all__ = [
+    "halo_exchange",
+    "scatter_rows",
+    "gather_rows",
+    "all_gather_sizes",
+    "group_rank",
+    "group_size",
+]
+
+# ---------------------------------------------------------------------------------------------------------------
+# Section 1: private collectives
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def group_size(group: Optional[dist.ProcessGroup]) -> int:
+    """Size of ``group`` (1 when torch.distributed is not initialized)."""
+    if not dist.is_available() or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+def group_rank(group: Optional[dist.ProcessGroup]) -> int:
+    """This process's rank inside ``group`` (0 when torch.distributed is not initialized)."""
+    if not dist.is_available() or not dist.is_initialized():
+        return 0
+    return dist.get_rank(group)
+
+
+def _global_peer(group: Optional[dist.ProcessGroup], peer: int) -> int:
+    # P2P ops address global ranks; a group rank used directly talks to the wrong process on offset subgroups.
+    if group is None or group is dist.GroupMember.WORLD:
+        return peer
+    return dist.get_global_rank(group, peer)
+
+
+def _all_gather_single(out: torch.Tensor, inp: torch.Tensor, group) -> None:
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    fn(out, inp, group=group)
+
+
+def _reduce_scatter_single(out: torch.Tensor, inp: torch.Tensor, group) -> None:
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    fn(out, inp, group=group)
+
+
+def _p2p(sends: Sequence[tuple[torch.Tensor, int]], recvs: Sequence[tuple[torch.Tensor, int]], group) -> None:
+    """Post all sends and receives (peers are group ranks) as one batch and wait for them."""
+    ops = [dist.P2POp(dist.irecv, buf, _global_peer(group, peer), group) for buf, peer in recvs]
+    ops += [dist.P2POp(dist.isend, t, _global_peer(group, peer), group) for t, peer in sends]
+    if not ops:
+        return
+    for work in dist.batch_isend_irecv(ops):
+        work.wait()
+
+
+def _rows_shape(x: torch.Tensor, dim: int, rows: int) -> list[int]:
+    shape = list(x.shape)
+    shape[dim] = rows
+    return shape
+
+
+def _halo_exchange(x: torch.Tensor, group, dim: int, top: int, bottom: int) -> torch.Tensor:
+    """Return ``x`` with ``top`` rows of the rank above and ``bottom`` rows of the rank below attached along ``dim``.
+
+    The global first rank gets ``top`` zero rows and the global last rank ``bottom`` zero rows, exactly the zero
+    padding the unsharded layer applies.
+    """
+    rank, size = group_rank(group), group_size(group)
+    rows = x.size(dim)
+    if rows < max(top, bottom):
+        raise ShardingError(f"a shard of {rows} rows cannot supply a halo of {max(top, bottom)} rows")
+    # step 0: buffers. Edge halos stay zero; inner halos are overwritten by the receive.
+    top_buf = x.new_zeros(_rows_shape(x, dim, top)) if top else None
+    bottom_buf = x.new_zeros(_rows_shape(x, dim, bottom)) if bottom else None
+    sends, recvs = [], []
+    # step 1: my last `top` rows are the top halo of the rank below; my first `bottom` rows the bottom halo above.
+    if top and rank > 0:
+        recvs.append((top_buf, rank - 1))
+    if bottom and rank < size - 1:
+        recvs.append((bottom_buf, rank + 1))
+    if top and rank < size - 1:
+        sends.append((x.narrow(dim, rows - top, top).contiguous(), rank + 1))
+    if bottom and rank > 0:
+        sends.append((x.narrow(dim, 0, bottom).contiguous(), rank - 1))
+    _p2p(sends, recvs, group)
+    # step 2: attach.
+    parts = [t for t in (top_buf, x, bottom_buf) if t is not None]
+    return torch.cat(parts, dim) if len(parts) > 1 else x
+
+
+def _halo_return(grad: torch.Tensor, group, dim: int, top: int, bottom: int) -> torch.Tensor:
+    """Mirror of :func:`_halo_exchange`: send each halo's gradient to the rank that owns those rows, which adds it
+    to its own edge rows. Gradients of the zero rows at the global edges are dropped (padding has no owner)."""
+    rank, size = group_rank(group), group_size(group)
+    rows = grad.size(dim) - top - bottom
+    out = grad.narrow(dim, top, rows).clone(memory_format=torch.contiguous_format)
+    sends, recvs = [], []
+    if top and rank > 0:
+        sends.append((grad.narrow(dim, 0, top).contiguous(), rank - 1))
+    if bottom and rank < size - 1:
+        sends.append((grad.narrow(dim, top + rows, bottom).contiguous(), rank + 1))
+    from_below = from_above = None
+    if top and rank < size - 1:
+        from_below = grad.new_empty(_rows_shape(grad, dim, top))
+        recvs.append((from_below, rank + 1))
+    if bottom and rank > 0:
+        from_above = grad.new_empty(_rows_shape(grad, dim, bottom))
+        recvs.append((from_above, rank - 1))
+    _p2p(sends, recvs, group)
+    if from_below is not None:
+        out.narrow(dim, rows - top, top).add_(from_below)
+    if from_above is not None:
+        out.narrow(dim, 0, bottom).add_(from_above)
+    return out
+
+
+def all_gather_sizes(rows: int, group, device: torch.device) -> list[int]:
+    """Row count of every rank of ``group`` (one small all-gather).
+
+    Do NOT cache this result across calls: a cache hit on one rank and a miss on another means mismatched
+    collectives and a hang.
+    """
+    size = group_size(group)
+    if size == 1:
+        return [rows]
+    mine = torch.tensor([rows], dtype=torch.int64, device=device)
+    out = torch.empty(size, dtype=torch.int64, device=device)
+    _all_gather_single(out, mine, group)
+    return [int(v) for v in out.tolist()]
+
+
+def _split(x: torch.Tensor, group, dim: int, sizes: Sequence[int]) -> torch.Tensor:
+    """Keep this rank's rows of a tensor that every rank holds in full."""
+    rank = group_rank(group)
+    if x.size(dim) != sum(sizes):
+        raise ShardingError(f"cannot take rows {list(sizes)} of a tensor with {x.size(dim)} rows")
+    start = sum(sizes[:rank])
+    return x.narrow(dim, start, sizes[rank]).contiguous()
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """Zero-pad dim 0 of ``x`` to ``rows`` rows (the collectives need equal sizes on every rank)."""
+    if x.size(0) == rows:
+        return x.contiguous()
+    out = x.new_zeros((rows,) + tuple(x.shape[1:]))
+    out[: x.size(0)] = x
+    return out
+
+
+def _gather(x: torch.Tensor, group, dim: int, sizes: Sequence[int]) -> torch.Tensor:
+    """All-gather every rank's rows (variable counts) into the full tensor, in group-rank order."""
+    size = group_size(group)
+    longest = max(sizes)
+    # (.., rows, ..) -> (rows, ..): the collective concatenates along dim 0.
+    local = _pad_rows(x.movedim(dim, 0), longest)
+    out = local.new_empty((size * longest,) + tuple(local.shape[1:]))
+    _all_gather_single(out, local, group)
+    if all(s == longest for s in sizes):
+        full = out
+    else:
+        full = torch.cat([out.narrow(0, r * longest, s) for r, s in enumerate(sizes)], 0)
+    return full.movedim(0, dim).contiguous()
+
+
+def _reduce_scatter(x: torch.Tensor, group, dim: int, sizes: Sequence[int]) -> torch.Tensor:
+    """Mirror of :func:`_gather`: every rank holds a full tensor; each owner receives the sum over ranks of its rows."""
+    rank, size = group_rank(group), group_size(group)
+    longest = max(sizes)
+    full = x.movedim(dim, 0)
+    # (rows, ..) -> (size * longest, ..): each rank's chunk padded to the same length.
+    chunks = [_pad_rows(c, longest) for c in full.split(list(sizes), 0)]
+    inp = torch.cat(chunks, 0).contiguous()
+    out = inp.new_empty((longest,) + tuple(inp.shape[1:]))
+    _reduce_scatter_single(out, inp, group)
+    return out.narrow(0, 0, sizes[rank]).movedim(0, dim).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Section 2: autograd Functions (named for their forward; backward calls the mirror helper)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _HaloExchange(torch.autograd.Function):
+    """forward: attach neighbours' edge rows; backward: return halo gradients to their owners."""
+
+    @staticmethod
+    def forward(ctx, x, group, dim, top, bottom):
+        ctx.group, ctx.dim, ctx.top, ctx.bottom = group, dim, top, bottom
+        return _halo_exchange(x, group, dim, top, bottom)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _halo_return(grad, ctx.group, ctx.dim, ctx.top, ctx.bottom), None, None, None, None
+
+
+class _ScatterToSpatialRegion(torch.autograd.Function):
+    """forward: keep my rows of a replicated tensor; backward: all-gather the row gradients."""
+
+    @staticmethod
+    def forward(ctx, x, group, dim, sizes):
+        ctx.group, ctx.dim, ctx.sizes = group, dim, sizes
+        return _split(x, group, dim, sizes)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather(grad, ctx.group, ctx.dim, ctx.sizes), None, None, None
+
+
+class _GatherFromSpatialRegion(torch.autograd.Function):
+    """forward: all-gather rows into the full tensor; backward: keep my rows' gradient (``sum_grads=False``, every
+    rank computed the same loss of the full tensor) or reduce-scatter it (``sum_grads=True``, each rank's loss
+    is a different part of the total, as for attention keys/values)."""
+
+    @staticmethod
+    def forward(ctx, x, group, dim, sizes, sum_grads):
+        ctx.group, ctx.dim, ctx.sizes, ctx.sum_grads = group, dim, sizes, sum_grads
+        return _gather(x, group, dim, sizes)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.sum_grads:
+            return _reduce_scatter(grad, ctx.group, ctx.dim, ctx.sizes), None, None, None, None
+        return _split(grad, ctx.group, ctx.dim, ctx.sizes), None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Section 3: public wrappers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def halo_exchange(x: torch.Tensor, group=None, dim: int = -2, top: int = 1, bottom: int = 1) -> torch.Tensor:
+    """forward: attach ``top`` rows from the rank above and ``bottom`` from the rank below (zeros at the global
+    edges); backward: send the halo gradients back, the owner adds them to its edge rows (dim ``dim``)."""
+    dim = dim % x.dim()
+    if group_size(group) == 1:
+        return torch.cat([x.new_zeros(_rows_shape(x, dim, top)), x, x.new_zeros(_rows_shape(x, dim, bottom))], dim)
+    return _HaloExchange.apply(x, group, dim, top, bottom)
+
+
+def scatter_rows(
+    x: torch.Tensor, group=None, dim: int = -2, sizes: Optional[Sequence[int]] = None, unit: int = 1
+) -> torch.Tensor:
+    """forward: keep my rows of a tensor every rank holds in full; backward: all-gather the row gradients (dim ``dim``).
+
+    ``sizes`` are the row counts per group rank; by default a balanced split in blocks of ``unit`` rows
+    (``unit`` = the spatial factor for pixel tensors, so shards stay aligned with the latent grid).
+    """
+    dim = dim % x.dim()
+    size = group_size(group)
+    if size == 1:
+        return x
+    if sizes is None:
+        if x.size(dim) % unit:
+            raise ShardingError(f"{x.size(dim)} rows are not a multiple of the shard unit {unit}")
+        sizes = [s * unit for s in row_split(x.size(dim) // unit, size)]
+    return _ScatterToSpatialRegion.apply(x, group, dim, tuple(sizes))
+
+
+def gather_rows(
+    x: torch.Tensor,
+    group=None,
+    dim: int = -2,
+    sizes: Optional[Sequence[int]] = None,
+    sum_grads: bool = False,
+) -> torch.Tensor:
+    """forward: all-gather every rank's rows into the full tensor; backward: keep my rows' gradient, or with
+    ``sum_grads=True`` reduce-scatter it (dim ``dim``).
+
+    Use ``sum_grads=False`` when every rank computes the same loss of the gathered tensor (replicated mode) and
+    ``sum_grads=True`` when ranks compute different losses from it. ``sizes`` (row counts per rank) are gathered
+    with one small collective when not given.
+    """
+    dim = dim % x.dim()
+    if group_size(group) == 1:
+        return x
+    if sizes is None:
+        sizes = all_gather_sizes(x.size(dim), group, x.device)
+    return _GatherFromSpatialRegion.apply(x, group, dim, tuple(sizes), sum_grads)
