@@ -21,7 +21,9 @@ from .api import (
     sharded_decode,
     sharded_encode,
     spatial_group,
+    spatial_size,
 )
+from .pipeline import decode_video, encode_video
 from .comm import gather_rows, halo_exchange, scatter_rows
 from .loss import sharded_loss
 from .sharding import ShardingError, row_offsets, row_split
@@ -34,6 +36,9 @@ __all__ = [
     "disable_spatial_parallelism",
     "is_spatially_parallel",
     "spatial_group",
+    "spatial_size",
+    "decode_video",
+    "encode_video",
     "sharded_encode",
     "sharded_decode",
     "shard_video",

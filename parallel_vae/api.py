@@ -34,6 +34,7 @@ __all__ = [
     "disable_spatial_parallelism",
     "is_spatially_parallel",
     "spatial_group",
+    "spatial_size",
     "sharded_encode",
     "sharded_decode",
     "shard_video",
@@ -105,6 +106,11 @@ def is_spatially_parallel(vae: AutoencoderKLWan) -> bool:
 def spatial_group(vae: AutoencoderKLWan):
     """The process group ``vae`` was parallelized over."""
     return _state(vae).group
+
+
+def spatial_size(vae: AutoencoderKLWan) -> int:
+    """Number of ranks ``vae``'s rows are split over (1 for the no-op path)."""
+    return _state(vae).size
 
 
 def _state(vae) -> SpatialState:

@@ -1,0 +1,107 @@
+"""The video encode/decode path shared by ``recipes/decode.py``, the fine-tuning validation and users' own loops.
+
+One function each way, working on replicated (full) or sharded (this rank's rows) inputs, with or without
+spatial parallelism enabled, with an optional progress bar over the model's temporal chunks on the main rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+from .api import (
+    gather_shards,
+    is_spatially_parallel,
+    shard_latents,
+    shard_video,
+    sharded_decode,
+    sharded_encode,
+    spatial_size,
+)
+from .comm import group_rank
+
+__all__ = ["decode_video", "encode_video"]
+
+
+@contextlib.contextmanager
+def _chunk_progress(module: torch.nn.Module, total: int, desc: str, enabled: bool):
+    """Advance a tqdm bar each time ``module`` runs (the Wan decoder runs once per latent frame, the encoder once
+    per 1 + 4k frame chunk)."""
+    if not enabled:
+        yield
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="chunk", leave=False)
+    handle = module.register_forward_hook(lambda *_: bar.update(1))
+    try:
+        yield
+    finally:
+        handle.remove()
+        bar.close()
+
+
+def decode_video(
+    vae,
+    latents: torch.Tensor,
+    *,
+    sharded: bool = False,
+    gather: bool = True,
+    progress: bool = False,
+    grad: bool = False,
+) -> torch.Tensor:
+    """Decode Wan latents to a video in [-1, 1] through the spatially parallel path.
+
+    Arguments:
+        vae: an ``AutoencoderKLWan``, parallelized with :func:`enable_spatial_parallelism` or not.
+        latents: (B, z_dim, T, h, w) un-normalized latents: the whole latent on every rank of the spatial group
+            (``sharded=False``), or this rank's latent rows (``sharded=True``, e.g. from ``sharded_encode``).
+        sharded: whether ``latents`` holds only this rank's rows.
+        gather: return the whole video on every rank (``True``) or only this rank's pixel rows (``False``).
+        progress: show a progress bar over latent frames on the global main rank.
+        grad: keep the autograd graph (default off: decoding for inference or validation).
+
+    Returns:
+        (B, C, 1 + 4 (T - 1), h * factor, w * factor), or this rank's rows of it when ``gather=False``.
+    """
+    parallel = is_spatially_parallel(vae) and spatial_size(vae) > 1
+    latents = latents.to(device=vae.device, dtype=vae.dtype)
+    with torch.set_grad_enabled(grad), _chunk_progress(
+        vae.decoder, latents.shape[2], "decode", progress and group_rank(None) == 0
+    ):
+        if not parallel:
+            return vae.decode(latents).sample
+        local = latents if sharded else shard_latents(vae, latents)
+        out = sharded_decode(vae, local)
+        return gather_shards(vae, out) if gather else out
+
+
+def encode_video(
+    vae,
+    video: torch.Tensor,
+    *,
+    sharded: bool = False,
+    gather: bool = True,
+    progress: bool = False,
+    grad: bool = False,
+) -> DiagonalGaussianDistribution:
+    """Encode a video in [-1, 1] (B, C, T, H, W) into the posterior over Wan latents.
+
+    ``video`` is the whole video (``sharded=False``) or this rank's pixel rows (``sharded=True``); the posterior
+    covers all latent rows (``gather=True``) or this rank's (``gather=False``). Other arguments as in
+    :func:`decode_video`.
+    """
+    parallel = is_spatially_parallel(vae) and spatial_size(vae) > 1
+    video = video.to(device=vae.device, dtype=vae.dtype)
+    chunks = 1 + (video.shape[2] - 1) // 4
+    with torch.set_grad_enabled(grad), _chunk_progress(vae.encoder, chunks, "encode", progress and group_rank(None) == 0):
+        if not parallel:
+            return vae.encode(video).latent_dist
+        local = video if sharded else shard_video(vae, video)
+        posterior = sharded_encode(vae, local)
+        if not gather:
+            return posterior
+        return DiagonalGaussianDistribution(gather_shards(vae, posterior.parameters))
