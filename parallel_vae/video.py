@@ -1,0 +1,73 @@
+"""Video files: read to and write from tensors in [-1, 1], via imageio's ffmpeg plugin.
+
+Writes are atomic (a temporary file in the same folder, then ``os.replace``), so a crash or an error never leaves
+a partial ``video.mp4`` behind.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Optional
+
+import numpy as np
+import torch
+
+__all__ = ["read_video", "write_video", "to_uint8_frames", "from_uint8_frames"]
+
+
+def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
+    """(C, T, H, W) in [-1, 1] -> (T, H, W, C) uint8. A single-channel video is repeated to RGB."""
+    if video.dim() != 4:
+        raise ValueError(f"expected a (C, T, H, W) video, got shape {tuple(video.shape)}")
+    v = video.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+    v = v.permute(1, 2, 3, 0).cpu().numpy()
+    if v.shape[-1] == 1:
+        v = np.repeat(v, 3, axis=-1)
+    return v
+
+
+def from_uint8_frames(frames: np.ndarray) -> torch.Tensor:
+    """(T, H, W, C) uint8 -> (C, T, H, W) float32 in [-1, 1]."""
+    t = torch.from_numpy(np.ascontiguousarray(frames)).float().div(127.5).sub(1)
+    return t.permute(3, 0, 1, 2).contiguous()
+
+
+def read_video(path: str, max_frames: Optional[int] = None) -> torch.Tensor:
+    """Read a video file (mp4, webm, gif, ...) into a (3, T, H, W) float32 tensor in [-1, 1]."""
+    import imageio.v3 as iio
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"video file not found: {path}")
+    try:
+        frames = []
+        for i, frame in enumerate(iio.imiter(path)):
+            if max_frames is not None and i >= max_frames:
+                break
+            frames.append(frame[..., :3] if frame.ndim == 3 else np.repeat(frame[..., None], 3, -1))
+    except Exception as e:  # imageio raises a zoo of types for unreadable files
+        raise ValueError(f"cannot read video {path}: {e}") from e
+    if not frames:
+        raise ValueError(f"video {path} has no frames")
+    return from_uint8_frames(np.stack(frames))
+
+
+def write_video(video: torch.Tensor, path: str, fps: float = 16.0) -> str:
+    """Write a (C, T, H, W) video in [-1, 1] to ``path`` (H.264 mp4) atomically; returns ``path``."""
+    import imageio.v3 as iio
+
+    frames = to_uint8_frames(video)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    suffix = os.path.splitext(path)[1] or ".mp4"
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+    os.close(fd)
+    try:
+        # macro_block_size=1: keep the exact size (the default rounds up to multiples of 16).
+        iio.imwrite(tmp, frames, fps=fps, codec="libx264", macro_block_size=1)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
