@@ -15,7 +15,9 @@ Edge ranks pad with zeros exactly as the layer's own padding would; there is no 
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import contextlib
+from collections import Counter
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -29,6 +31,8 @@ __all__ = [
     "all_gather_sizes",
     "group_rank",
     "group_size",
+    "CommCounter",
+    "count_traffic",
 ]
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -57,18 +61,72 @@ def _global_peer(group: Optional[dist.ProcessGroup], peer: int) -> int:
     return dist.get_global_rank(group, peer)
 
 
+class CommCounter:
+    """Bytes this process sent and received through the collectives below, per kind of collective.
+
+    Logical volumes, independent of the backend's algorithm: a point-to-point message counts once at the sender
+    and once at the receiver; an all-gather counts my shard once per peer as sent and the other shards as
+    received; a reduce-scatter counts the other ranks' chunks as sent and my chunk once per peer as received.
+    """
+
+    def __init__(self) -> None:
+        self.sent: Counter = Counter()
+        self.received: Counter = Counter()
+        self.calls: Counter = Counter()
+
+    def add(self, kind: str, sent: int, received: int) -> None:
+        self.sent[kind] += sent
+        self.received[kind] += received
+        self.calls[kind] += 1
+
+    def as_dict(self) -> dict:
+        kinds = sorted(self.calls)
+        return {
+            "sent_bytes": sum(self.sent.values()),
+            "received_bytes": sum(self.received.values()),
+            "by_kind": {k: {"sent": self.sent[k], "received": self.received[k], "calls": self.calls[k]} for k in kinds},
+        }
+
+
+# Off (None) by default: each collective then pays one global read.
+_counter: Optional[CommCounter] = None
+
+
+@contextlib.contextmanager
+def count_traffic() -> Iterator[CommCounter]:
+    """Count the bytes this process exchanges through ``parallel_vae``'s collectives inside the ``with`` block."""
+    global _counter
+    previous, _counter = _counter, CommCounter()
+    try:
+        yield _counter
+    finally:
+        _counter = previous
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 def _all_gather_single(out: torch.Tensor, inp: torch.Tensor, group) -> None:
+    if _counter is not None:
+        peers = out.numel() // max(inp.numel(), 1) - 1
+        _counter.add("all_gather", _nbytes(inp) * peers, _nbytes(out) - _nbytes(inp))
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     fn(out, inp, group=group)
 
 
 def _reduce_scatter_single(out: torch.Tensor, inp: torch.Tensor, group) -> None:
+    if _counter is not None:
+        peers = inp.numel() // max(out.numel(), 1) - 1
+        _counter.add("reduce_scatter", _nbytes(inp) - _nbytes(out), _nbytes(out) * peers)
     fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
     fn(out, inp, group=group)
 
 
 def _p2p(sends: Sequence[tuple[torch.Tensor, int]], recvs: Sequence[tuple[torch.Tensor, int]], group) -> None:
     """Post all sends and receives (peers are group ranks) as one batch and wait for them."""
+    if _counter is not None:
+        _counter.add("p2p", sum(_nbytes(t) for t, _ in sends), sum(_nbytes(t) for t, _ in recvs))
     ops = [dist.P2POp(dist.irecv, buf, _global_peer(group, peer), group) for buf, peer in recvs]
     ops += [dist.P2POp(dist.isend, t, _global_peer(group, peer), group) for t, peer in sends]
     if not ops:

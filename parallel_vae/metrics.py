@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import resource
 import sys
 
 import numpy as np
 import torch
 
-__all__ = ["psnr", "ssim", "peak_memory_bytes", "reset_peak_memory"]
+from ._files import atomic_path
+
+__all__ = ["psnr", "ssim", "peak_memory_bytes", "reset_peak_memory", "write_json"]
 
 
 def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 2.0) -> float:
@@ -64,3 +67,13 @@ def peak_memory_bytes(device: torch.device) -> dict:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     scale = 1 if sys.platform == "darwin" else 1024  # Linux reports KiB
     return {"kind": "cpu_peak_rss", "bytes": int(rss * scale)}
+
+
+def write_json(obj, path: str) -> str:
+    """Write ``obj`` as JSON to ``path`` atomically (a temporary file in the same folder, then ``os.replace``), so a
+    reader never sees half a file; returns ``path``. Non-finite floats are rejected (they are not JSON)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, allow_nan=False)
+            f.write("\n")
+    return path

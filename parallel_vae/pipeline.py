@@ -36,7 +36,14 @@ def _chunk_progress(module: torch.nn.Module, total: int, desc: str, enabled: boo
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, desc=desc, unit="chunk", leave=False)
-    handle = module.register_forward_hook(lambda *_: bar.update(1))
+
+    def advance(*_):
+        # A forward hook's return value replaces the module's output, and tqdm.update returns True whenever it
+        # redraws: return None explicitly, or the encoder/decoder output becomes a bool.
+        bar.update(1)
+        return None
+
+    handle = module.register_forward_hook(advance)
     try:
         yield
     finally:

@@ -7,13 +7,14 @@ a partial ``video.mp4`` behind.
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Optional
 
 import numpy as np
 import torch
 
-__all__ = ["read_video", "write_video", "to_uint8_frames", "from_uint8_frames"]
+from ._files import atomic_path
+
+__all__ = ["read_video", "write_video", "to_uint8_frames", "from_uint8_frames", "demo_video"]
 
 
 def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
@@ -57,17 +58,27 @@ def write_video(video: torch.Tensor, path: str, fps: float = 16.0) -> str:
     import imageio.v3 as iio
 
     frames = to_uint8_frames(video)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    suffix = os.path.splitext(path)[1] or ".mp4"
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=os.path.splitext(path)[1] or ".mp4") as tmp:
         # macro_block_size=1: keep the exact size (the default rounds up to multiples of 16).
         iio.imwrite(tmp, frames, fps=fps, codec="libx264", macro_block_size=1)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return path
+
+
+def demo_video(frames: int = 17, height: int = 64, width: int = 96) -> torch.Tensor:
+    """A deterministic synthetic clip (3, frames, height, width) in [-1, 1]: a colour gradient drifting right and a
+    square moving diagonally, so motion, edges and flat areas all appear (the recipes' built-in demo input)."""
+    t = torch.arange(frames, dtype=torch.float32).view(frames, 1, 1)
+    y = torch.arange(height, dtype=torch.float32).view(1, height, 1) / max(height - 1, 1)
+    x = torch.arange(width, dtype=torch.float32).view(1, 1, width) / max(width - 1, 1)
+    phase = 2 * torch.pi * (x - t / max(frames, 1))
+    red = torch.sin(phase) * 0.8
+    green = (y * 2 - 1) * 0.8
+    blue = torch.cos(2 * torch.pi * y + t / 4) * 0.5
+    # three (T, H, W) planes -> (3, T, H, W)
+    video = torch.stack([c.expand(frames, height, width) for c in (red, green, blue)])
+    side = max(2, min(height, width) // 4)
+    for f in range(frames):
+        top = (f * 3) % max(height - side, 1)
+        left = (f * 5) % max(width - side, 1)
+        video[:, f, top : top + side, left : left + side] = torch.tensor([0.9, 0.9, -0.9]).view(3, 1, 1)
+    return video.clamp(-1, 1).contiguous()

@@ -1,0 +1,379 @@
+"""The decode job behind ``recipes/decode.py``: load the model and the input, decide whether to shard, encode and
+decode through the shared path (:func:`parallel_vae.decode_video` / :func:`parallel_vae.encode_video`), and write
+``video.mp4`` and ``metrics.json``.
+
+Every step that can fail on bad input runs inside :meth:`Runtime.agreed`, so all ranks stop together with one
+message, before any model collective, and before anything is written. Outputs are written by the main rank only,
+each atomically (temporary file, then rename): a failed run never leaves a partial ``video.mp4``.
+
+``--parallel``:
+
+* ``on``: rows are split over all ranks (needs at least one latent row per rank).
+* ``off``: no communication; every rank decodes the whole input with the unmodified model (identical results),
+  the main rank writes. On GPUs this costs no wall time (each rank has its own device) and needs no rank to sit
+  in a collective for the whole decode. On one shared CPU it multiplies the CPU work: use a 1-process launch.
+* ``auto``: ``on`` when every rank gets at least ``auto_threshold`` latent elements (batch x frames x rows x
+  columns; see :data:`AUTO_MIN_WORK_PER_RANK` for the measurement), and the rows can be split; else ``off``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+
+from ._files import atomic_path
+from .api import enable_spatial_parallelism
+from .errors import InputError
+from .loading import denormalize_latents, describe_vae, load_latents, load_vae, parse_dtype
+from .metrics import peak_memory_bytes, psnr, reset_peak_memory, ssim, write_json
+from .pipeline import decode_video, encode_video
+from .runtime import Runtime, UsageError, start_tracking
+from .sharding import nearest_valid, row_split
+from .video import demo_video, read_video, write_video
+from .wan import latent_channels, pixel_channels, spatial_factor
+
+__all__ = ["AUTO_MIN_WORK_PER_RANK", "ParallelPlan", "plan_parallel", "DecodeInput", "read_input", "run_decode"]
+
+# Smallest per-rank work (latent elements: batch x frames x rows x columns) for which sharding over 2 ranks beat
+# one process, measured by benchmarks/decode_threshold.py (see recipes/decode.py --help for the numbers).
+AUTO_MIN_WORK_PER_RANK = 64
+
+DEMO_SHAPE = dict(frames=17, height=64, width=96)
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    """What ``--parallel`` resolved to, and why (recorded in metrics.json)."""
+
+    requested: str
+    shard: bool
+    reason: str
+    work_per_rank: int
+    threshold: int
+
+
+def plan_parallel(
+    mode: str, latent_shape: tuple, world: int, threshold: int = AUTO_MIN_WORK_PER_RANK, factor: int = 8
+) -> ParallelPlan:
+    """Decide whether to shard latents of ``latent_shape`` (B, C, T, h, w) over ``world`` ranks.
+
+    Pure arithmetic on values every rank agrees on, so every rank reaches the same decision. ``factor`` (pixel
+    rows per latent row) only appears in messages. Raises :class:`InputError` for ``on`` when there are fewer
+    latent rows than ranks.
+    """
+    if mode not in ("auto", "on", "off"):
+        raise InputError(f"unknown --parallel {mode!r}; choose auto, on or off")
+    b, _, t, h, w = latent_shape
+    work = b * t * math.ceil(h / world) * w
+
+    def plan(shard: bool, reason: str) -> ParallelPlan:
+        return ParallelPlan(mode, shard, reason, work, threshold)
+
+    if world == 1:
+        return plan(False, "a single process: nothing to shard")
+    if mode == "off":
+        return plan(False, "--parallel off: every rank decodes the whole input, rank 0 writes")
+    if h < world:
+        if mode == "on":
+            raise InputError(
+                f"--parallel on: {h} latent rows ({h * factor} pixel rows) cannot be split over {world} ranks; "
+                f"every rank needs at least one latent row, so the minimum is {world} latent rows "
+                f"({world * factor} pixel rows). Use fewer processes, or --parallel auto / off"
+            )
+        return plan(False, f"auto: {h} latent rows cannot be split over {world} ranks")
+    if mode == "on":
+        return plan(True, "--parallel on")
+    if work >= threshold:
+        return plan(True, f"auto: {work} latent elements per rank >= threshold {threshold}")
+    return plan(False, f"auto: {work} latent elements per rank < threshold {threshold}")
+
+
+@dataclass
+class DecodeInput:
+    """The input of one run: latents to decode, or a video to round-trip (encode then decode)."""
+
+    kind: str  # "latents", "video" or "demo"
+    path: Optional[str]
+    latents: Optional[torch.Tensor] = None  # (B, z_dim, T, h, w), un-normalized
+    video: Optional[torch.Tensor] = None  # (B, C, T, H, W) in [-1, 1]
+    notes: tuple = ()
+
+    @property
+    def shape(self) -> tuple:
+        return tuple((self.latents if self.latents is not None else self.video).shape)
+
+    def latent_shape(self, vae) -> tuple:
+        if self.latents is not None:
+            return self.shape
+        b, _, t, hh, ww = self.shape
+        f = spatial_factor(vae)
+        return (b, latent_channels(vae), 1 + (t - 1) // int(vae.config.scale_factor_temporal), hh // f, ww // f)
+
+
+def _sizes_that_work(pixels: int, factor: int, world: int) -> str:
+    return " or ".join(str(c) for c in nearest_valid(pixels, factor, world))
+
+
+def check_video_shape(video: torch.Tensor, vae, path: str) -> None:
+    """Height and width must be multiples of the spatial factor (the encoder's stride-2 steps must divide them)."""
+    _, c, _, h, w = video.shape
+    f = spatial_factor(vae)
+    if c != pixel_channels(vae):
+        raise InputError(f"video {path} has {c} channels; the model encodes {pixel_channels(vae)}")
+    if h % f or w % f:
+        raise InputError(
+            f"video {path} is {h}x{w} (height x width); both must be multiples of the model's spatial factor {f}. "
+            f"Crop or resize to a height of {_sizes_that_work(h, f, 1)} and a width of {_sizes_that_work(w, f, 1)}"
+        )
+
+
+def read_input(args: argparse.Namespace, vae) -> DecodeInput:
+    """Read and validate the input named by ``args`` (``--latents``, ``--video`` or neither: the demo clip)."""
+    if args.latents:
+        z = load_latents(args.latents, key=args.latents_key)
+        if z.shape[1] != latent_channels(vae):
+            raise InputError(
+                f"latents in {args.latents} have {z.shape[1]} channels (dim 1 of {tuple(z.shape)}), but the model's "
+                f"z_dim is {latent_channels(vae)}: they were made for a different VAE"
+            )
+        notes = ()
+        if args.latents_normalized:
+            z = denormalize_latents(z, vae)
+            notes = ("latents were denormalized with the config's latents_mean / latents_std",)
+        return DecodeInput("latents", args.latents, latents=z, notes=notes)
+    if args.video:
+        try:
+            video = read_video(args.video, max_frames=args.max_frames)
+        except (FileNotFoundError, ValueError) as e:
+            raise InputError(str(e)) from e
+        kind, path = "video", args.video
+    else:
+        video = demo_video(**DEMO_SHAPE)
+        kind, path = "demo", None
+        if args.max_frames:
+            video = video[:, : args.max_frames]
+    video = video.unsqueeze(0)  # (C, T, H, W) -> (1, C, T, H, W)
+    check_video_shape(video, vae, path or "demo")
+    # Wan encodes frame chunks 1, 4, 4, ...: frames past the last full chunk are dropped, so drop them here and
+    # compare the reconstruction with exactly the frames that were encoded.
+    tf = int(vae.config.scale_factor_temporal)
+    t = video.shape[2]
+    used = 1 + (t - 1) // tf * tf
+    notes = ()
+    if used != t:
+        video = video[:, :, :used]
+        notes = (f"{t} frames read; encoding the first {used} (1 + {tf}k frames)",)
+    return DecodeInput(kind, path, video=video.contiguous(), notes=notes)
+
+
+def _save_tensors(tensors: dict, path: str) -> None:
+    """safetensors file, atomically (temporary file in the same folder, then rename)."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+
+
+def _check_flags(args: argparse.Namespace) -> torch.dtype:
+    dtype = parse_dtype(args.dtype)
+    if args.latents and args.video:
+        raise UsageError("give either --latents or --video, not both")
+    if args.latents_normalized and not args.latents:
+        raise UsageError("--latents_normalized applies to --latents only")
+    if args.latents_key and not args.latents:
+        raise UsageError("--latents_key applies to --latents only")
+    if args.max_frames is not None and args.max_frames < 1:
+        raise UsageError(f"--max_frames must be at least 1, got {args.max_frames}")
+    if args.fps <= 0:
+        raise UsageError(f"--fps must be positive, got {args.fps}")
+    if args.auto_threshold < 0:
+        raise UsageError(f"--auto_threshold must be >= 0, got {args.auto_threshold}")
+    return dtype
+
+
+def _timed(rt: Runtime, fn):
+    """Run ``fn`` with all ranks starting together; return (result, this rank's seconds)."""
+    rt.barrier()
+    start = time.perf_counter()
+    out = fn()
+    rt.synchronize()
+    return out, time.perf_counter() - start
+
+
+def _finite(x: float) -> Optional[float]:
+    return x if math.isfinite(x) else None  # PSNR of an exact reconstruction is infinite; JSON has no inf
+
+
+def run_decode(rt: Runtime, args: argparse.Namespace) -> Optional[dict]:
+    """The whole job; returns the metrics on the main rank (``None`` elsewhere). See the module docstring."""
+    world = rt.world_size
+    # step 1: flags and model. Each rank loads its own copy (same files, or the same seed).
+    with rt.agreed():
+        dtype = _check_flags(args)
+    with rt.agreed():
+        vae, source = load_vae(
+            pretrained=args.pretrained,
+            subfolder=args.subfolder,
+            single_file=args.single_file,
+            config=args.config,
+            dtype=dtype,
+        )
+        vae = vae.to(rt.device)
+    # step 2: the input, then one check that every rank read the same thing (multi-node runs read per node).
+    with rt.agreed():
+        inp = read_input(args, vae)
+    shapes = rt.gather_object(inp.shape)
+    with rt.agreed():
+        if any(s != shapes[0] for s in shapes):
+            raise InputError(f"ranks read inputs of different shapes: {shapes}; every rank must see the same file")
+        plan = plan_parallel(args.parallel, inp.latent_shape(vae), world, args.auto_threshold, spatial_factor(vae))
+    # step 3: the output folder (main rank), before any compute, so an unwritable folder fails in seconds.
+    out_dir = os.path.abspath(args.output_dir)
+    with rt.agreed():
+        if rt.is_main:
+            os.makedirs(out_dir, exist_ok=True)
+            if not os.access(out_dir, os.W_OK):
+                raise InputError(f"--output_dir {out_dir} is not writable")
+    start_tracking(
+        rt,
+        report_to=args.report_to,
+        project=args.tracker_project,
+        run_name=args.run_name,
+        config={k: v for k, v in vars(args).items() if v is None or isinstance(v, (str, int, float, bool))},
+        dir=out_dir,
+    )
+
+    # step 4: encode (round trips) and decode through the shared library path.
+    if plan.shard:
+        enable_spatial_parallelism(vae, rt.group)
+    reset_peak_memory(rt.device)
+    progress = not args.no_progress
+    encode_seconds = None
+    if inp.latents is not None:
+        latents, sharded = inp.latents, False
+    else:
+        # Sharded: keep each rank's latent rows where they are (gather=False) and decode them directly.
+        posterior, encode_seconds = _timed(
+            rt, lambda: encode_video(vae, inp.video, gather=not plan.shard, progress=progress)
+        )
+        latents, sharded = posterior.mode(), plan.shard
+    decoded, decode_seconds = _timed(
+        rt, lambda: decode_video(vae, latents, sharded=sharded, gather=True, progress=progress)
+    )
+    stats = rt.gather_object(
+        {
+            "rank": rt.rank,
+            "host": socket.gethostname(),
+            "device": str(rt.device),
+            "decode_seconds": decode_seconds,
+            "encode_seconds": encode_seconds,
+            "peak_memory": peak_memory_bytes(rt.device),
+        }
+    )
+
+    # step 5: outputs, main rank only; a failure to write is still agreed, so every rank exits non-zero.
+    metrics = None
+    with rt.agreed():
+        if rt.is_main:
+            metrics = _write_outputs(rt, args, vae, source, inp, plan, decoded, stats, out_dir)
+    return metrics
+
+
+def _write_outputs(rt, args, vae, source, inp, plan, decoded, stats, out_dir) -> dict:
+    world = rt.world_size
+    decoded = decoded.detach().cpu()
+    latent_shape = inp.latent_shape(vae)
+    h = latent_shape[3]
+    f = spatial_factor(vae)
+    videos = []
+    for i in range(decoded.shape[0]):
+        name = "video.mp4" if i == 0 else f"video_{i}.mp4"
+        write_video(decoded[i], os.path.join(out_dir, name), fps=args.fps)
+        videos.append(name)
+    tensor_file = None
+    if args.save_tensor:
+        tensor_file = "decoded.safetensors"
+        _save_tensors({"video": decoded}, os.path.join(out_dir, tensor_file))
+    rows = row_split(h, world) if plan.shard else [h] * world
+    metrics = {
+        "world_size": world,
+        "backend": rt.backend,
+        "device": rt.device.type,
+        "group_layout": {
+            # One spatial group over all ranks when sharded; otherwise every rank works alone on the whole input.
+            "spatial_groups": [list(range(world))] if plan.shard else [[r] for r in range(world)],
+            "spatial_size": world if plan.shard else 1,
+            "latent_rows_per_rank": rows,
+            "pixel_rows_per_rank": [r * f for r in rows],
+        },
+        "parallel": asdict(plan),
+        "dtype": str(vae.dtype).replace("torch.", ""),
+        "model": {**source, **describe_vae(vae)},
+        "input": {
+            "kind": inp.kind,
+            "path": inp.path,
+            "latents_normalized": bool(args.latents_normalized),
+            "notes": list(inp.notes),
+        },
+        "input_shape": list(inp.shape),
+        "latent_shape": list(latent_shape),
+        "output_shape": list(decoded.shape),
+        "decode_seconds": max(s["decode_seconds"] for s in stats),
+        "decode_seconds_per_rank": [s["decode_seconds"] for s in stats],
+        "peak_memory_bytes": [s["peak_memory"]["bytes"] for s in stats],
+        "peak_memory_kind": stats[0]["peak_memory"]["kind"],
+        "peak_memory_note": (
+            "torch.cuda.max_memory_allocated per rank (tensor bytes), window reset before encode/decode"
+            if rt.device.type == "cuda"
+            else "peak resident set size (ru_maxrss) of each rank's process since it started: includes the "
+            "interpreter, libraries and allocator caches; compare between runs, not with CUDA figures"
+        ),
+        "ranks": stats,
+        "fps": args.fps,
+        "videos": videos,
+        "tensor_file": tensor_file,
+        "versions": _versions(),
+    }
+    if inp.video is not None:
+        metrics["encode_seconds"] = max(s["encode_seconds"] for s in stats)
+        metrics["encode_seconds_per_rank"] = [s["encode_seconds"] for s in stats]
+        reference = inp.video.to(decoded.dtype)
+        metrics["psnr"] = _finite(psnr(decoded, reference))
+        metrics["ssim"] = ssim(decoded, reference)
+    write_json(metrics, os.path.join(out_dir, "metrics.json"))
+    _log_to_tracker(rt, args, metrics, os.path.join(out_dir, videos[0]))
+    return metrics
+
+
+def _versions() -> dict:
+    import diffusers
+
+    from . import __version__
+
+    return {"parallel_vae": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__}
+
+
+def _log_to_tracker(rt: Runtime, args, metrics: dict, video_path: str) -> None:
+    if not rt.trackers_started:
+        return
+    scalars = {
+        k: metrics[k]
+        for k in ("decode_seconds", "encode_seconds", "psnr", "ssim", "world_size")
+        if isinstance(metrics.get(k), (int, float))
+    }
+    scalars["peak_memory_bytes_max"] = max(metrics["peak_memory_bytes"])
+    scalars["sharded"] = int(metrics["parallel"]["shard"])
+    rt.accelerator.log(scalars)
+    if args.report_to == "wandb":
+        import wandb
+
+        run = rt.accelerator.get_tracker("wandb", unwrap=True)
+        # An mp4 path, not an array: wandb encodes arrays with moviepy, which is not a dependency.
+        run.log({"video": wandb.Video(video_path, format="mp4")})

@@ -1,0 +1,281 @@
+"""Running a recipe under ``accelerate launch``: the process group, errors that every rank agrees on, one message.
+
+Rules the recipes follow, in one place so that the decode and fine-tuning recipes behave the same:
+
+* The process group is explicit: gloo on CPU, NCCL on GPUs, with a collective timeout, so that a rank that never
+  arrives fails the run after ``timeout`` seconds instead of hanging it. (Without an explicit backend, accelerate
+  on a GPU-less machine launched with ``--multi_gpu``, or under DeepSpeed on CPU, leaves the process count at 1.)
+* Bad input is raised as :class:`~parallel_vae.errors.InputError` (or ``ShardingError`` / ``OSError``) inside a
+  :meth:`Runtime.agreed` block. At the end of the block every rank exchanges its error, if any (one small
+  all-gather), so all ranks take the same branch even when only one rank's file was unreadable; the main rank
+  prints the message once and every rank exits non-zero. Other exceptions are bugs: they keep their traceback.
+* The main rank prints before anyone exits (a barrier after the print): the launcher kills the remaining ranks as
+  soon as one exits non-zero, which could otherwise swallow the message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import netrc
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+from urllib.parse import urlparse
+
+import torch
+import torch.distributed as dist
+
+from .errors import InputError
+from .sharding import ShardingError
+
+__all__ = [
+    "ArgumentParser",
+    "UsageError",
+    "AgreedError",
+    "Runtime",
+    "start_runtime",
+    "run_recipe",
+    "add_runtime_args",
+    "wandb_mode",
+    "DEFAULT_TIMEOUT_S",
+]
+
+# Long enough for the slowest step between two collectives of a real decode (a rank waiting for rank 0 to write
+# the mp4 of an 81-frame 720p video), short enough that a hang is noticed.
+DEFAULT_TIMEOUT_S = 900
+
+# Errors that mean "the user's input cannot be used"; anything else is a bug and keeps its traceback.
+_INPUT_ERRORS = (InputError, ShardingError, OSError)
+
+
+class UsageError(InputError):
+    """A command-line flag is missing, unknown or has a bad value (exit status 2, as argparse uses)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises :class:`UsageError` instead of printing and exiting, so that under a multi-process
+    launch the message is printed once, by the main rank, like every other input error."""
+
+    def error(self, message: str):  # noqa: D401 (argparse's name)
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+class AgreedError(Exception):
+    """Raised identically on every rank after a failed :meth:`Runtime.agreed` block."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class Runtime:
+    """This process's place in the launch, and the collectives the recipes need."""
+
+    accelerator: Any
+    prog: str = "recipe"
+    trackers_started: bool = field(default=False, init=False)
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    @property
+    def group(self) -> Optional[dist.ProcessGroup]:
+        """The group the recipes parallelize over: the whole world (``None`` when not distributed)."""
+        return dist.group.WORLD if self.distributed else None
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if self.distributed else 0
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size() if self.distributed else 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def backend(self) -> Optional[str]:
+        return dist.get_backend() if self.distributed else None
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def gather_object(self, obj) -> list:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def synchronize(self) -> None:
+        """Wait for this rank's queued device work (for timings)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def agree(self, error: Optional[BaseException]) -> None:
+        """Exchange this rank's error (or ``None``); if any rank failed, raise the same :class:`AgreedError` on all."""
+        mine = None
+        if error is not None:
+            mine = (str(error) or type(error).__name__, 2 if isinstance(error, UsageError) else 1)
+        found = self.gather_object(mine)
+        failed = [(r, f) for r, f in enumerate(found) if f is not None]
+        if not failed:
+            return
+        texts = {}
+        for r, (text, _) in failed:
+            texts.setdefault(text, []).append(r)
+        if len(texts) == 1 and len(failed) == self.world_size:
+            message = next(iter(texts))  # the same on every rank: say it once, without rank numbers
+        else:
+            parts = []
+            for text, ranks in texts.items():
+                who = f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+                parts.append(f"{who} of {self.world_size}: {text}")
+            message = "; ".join(parts)
+        raise AgreedError(message, exit_code=max(code for _, (_, code) in failed))
+
+    @contextlib.contextmanager
+    def agreed(self):
+        """Run a block that may fail on bad input; every rank leaves it the same way (see the module docstring).
+
+        Every rank must enter the block, even a rank with nothing to do in it: the exchange at its end is a
+        collective.
+        """
+        try:
+            yield
+        except _INPUT_ERRORS as e:
+            self.agree(e)
+            raise AssertionError("unreachable: agree() raises when this rank failed")  # pragma: no cover
+        self.agree(None)
+
+    def fail(self, error: AgreedError) -> int:
+        """Print ``error`` once (main rank), let every rank reach the same point, and return the exit status."""
+        if self.is_main:
+            print(f"{self.prog}: error: {error}", file=sys.stderr, flush=True)
+        try:
+            self.barrier()  # nobody exits (and gets the others killed by the launcher) before the message is out
+        except Exception:
+            pass
+        self.close()
+        return error.exit_code
+
+    def close(self) -> None:
+        if self.trackers_started:
+            self.accelerator.end_training()
+            self.trackers_started = False
+        if self.distributed:
+            dist.destroy_process_group()
+
+
+def start_runtime(*, timeout_s: float = DEFAULT_TIMEOUT_S, log_with: Optional[str] = None, prog: str = "recipe") -> Runtime:
+    """Create the ``Accelerator`` with an explicit process group (when launched with several processes).
+
+    ``WORLD_SIZE`` (set by ``accelerate launch`` / torchrun for multi-process runs) decides whether there is a
+    group to create: passing a backend to a single, unlaunched process makes accelerate ask for a world size that
+    does not exist.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    handlers = []
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        handlers.append(InitProcessGroupKwargs(backend=backend, timeout=datetime.timedelta(seconds=timeout_s)))
+    accelerator = Accelerator(log_with=log_with, kwargs_handlers=handlers)
+    return Runtime(accelerator, prog=prog)
+
+
+def add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    """The flags every recipe shares: experiment tracking and the collective timeout."""
+    g = parser.add_argument_group("tracking and runtime")
+    g.add_argument(
+        "--report_to",
+        default="none",
+        choices=["none", "wandb"],
+        help="experiment tracker, through accelerate's tracker API. wandb runs offline (files under "
+        "OUTPUT_DIR/wandb, sync later with `wandb sync`) when there is no login (no WANDB_API_KEY, no netrc "
+        "entry) or WANDB_MODE=offline (default: %(default)s)",
+    )
+    g.add_argument("--tracker_project", default="parallel_vae", help="wandb project name (default: %(default)s)")
+    g.add_argument("--run_name", default=None, help="wandb run name (default: wandb picks one)")
+    g.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help="seconds a rank waits in a collective before the run fails instead of hanging (default: %(default)s)",
+    )
+
+
+def wandb_mode() -> str:
+    """``online`` when wandb has credentials, else ``offline``; an explicit ``WANDB_MODE`` wins.
+
+    Checked without calling ``wandb.login``, which would prompt for a key on a terminal.
+    """
+    explicit = os.environ.get("WANDB_MODE")
+    if explicit:
+        return explicit
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return "online"
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        if os.path.isfile(path) and netrc.netrc(path).authenticators(host):
+            return "online"
+    except (OSError, netrc.NetrcParseError):
+        pass
+    return "offline"
+
+
+def start_tracking(rt: Runtime, *, report_to: str, project: str, run_name: Optional[str], config: dict, dir: str) -> None:
+    """``accelerator.init_trackers`` for ``report_to`` (a no-op for ``none``); wandb offline without a login."""
+    if report_to == "none":
+        return
+    init_kwargs = {}
+    if report_to == "wandb":
+        init_kwargs["wandb"] = {"name": run_name, "dir": dir, "mode": wandb_mode()}
+    rt.accelerator.init_trackers(project, config=config, init_kwargs=init_kwargs)
+    rt.trackers_started = True
+
+
+def run_recipe(
+    parser: ArgumentParser, job: Callable[[Runtime, argparse.Namespace], Any], argv: Optional[list[str]] = None
+) -> int:
+    """Parse ``argv``, start the runtime, run ``job(runtime, args)``, and turn agreed errors into an exit status.
+
+    A usage error is also reported through the runtime, so that it too is printed once under a multi-process
+    launch. Returns the process exit status (0 on success).
+    """
+    usage, args = None, None
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        usage = e
+    rt = start_runtime(
+        timeout_s=getattr(args, "timeout", DEFAULT_TIMEOUT_S),
+        log_with=None if args is None or getattr(args, "report_to", "none") == "none" else args.report_to,
+        prog=parser.prog,
+    )
+    try:
+        with rt.agreed():
+            if usage is not None:
+                raise usage
+            if args.timeout <= 0:
+                raise UsageError(f"--timeout must be positive, got {args.timeout}")
+        job(rt, args)
+    except AgreedError as e:
+        return rt.fail(e)
+    rt.close()
+    return 0

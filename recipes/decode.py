@@ -1,0 +1,153 @@
+"""Decode Wan latents (or round-trip a video) with the VAE split by rows over all launched processes.
+
+    accelerate launch [--config_file accelerate_configs/X.yaml] recipes/decode.py [flags]
+
+Writes OUTPUT_DIR/video.mp4 (main rank, atomically) and OUTPUT_DIR/metrics.json. With no model flag it uses the
+built-in default model (parallel_vae/assets/default_vae/ if present, else a seeded model of the real Wan2.1
+layout at a small width); with no input flag, a built-in 17-frame 64x96 demo clip is encoded and decoded.
+
+--parallel auto: shard only when every rank gets at least --auto_threshold latent elements (batch x frames x
+rows x columns). The default threshold was measured on a shared 2-core CPU machine (no GPU, gloo, 1 thread per
+rank, the default seeded model, other jobs running: noisy) with
+
+    accelerate launch --config_file accelerate_configs/cpu_2proc.yaml benchmarks/decode_threshold.py
+
+which times a 1-process decode against a 2-process sharded decode of the same latents:
+
+{THRESHOLD_TABLE}
+
+Re-measure on your hardware (the benchmark prints the threshold to pass as --auto_threshold).
+Bad input (missing or unreadable file, wrong latent channels, fewer latent rows than ranks with --parallel on,
+a video size that is not a multiple of the spatial factor, an unknown dtype): one message from the main rank,
+non-zero exit on every rank, nothing written.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+try:
+    import parallel_vae  # noqa: F401  (installed with `pip install -e .`)
+except ImportError:  # run from a checkout without installing: the package sits next to recipes/
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from parallel_vae.decode_job import AUTO_MIN_WORK_PER_RANK, run_decode
+from parallel_vae.loading import DTYPES
+from parallel_vae.runtime import ArgumentParser, add_runtime_args, run_recipe
+
+THRESHOLD_TABLE = """\
+    (filled in from benchmarks/decode_threshold.py)"""
+__doc__ = __doc__.replace("{THRESHOLD_TABLE}", THRESHOLD_TABLE)
+
+
+def build_parser() -> ArgumentParser:
+    import argparse
+
+    p = ArgumentParser(
+        prog="decode.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    m = p.add_argument_group("model (default: the built-in model)")
+    m.add_argument(
+        "--pretrained",
+        metavar="PATH_OR_ID",
+        help="diffusers AutoencoderKLWan: a local save_pretrained folder or a hub id (e.g. "
+        "Wan-AI/Wan2.1-T2V-1.3B-Diffusers). For a pipeline folder/repo the VAE is in vae/: detected for local "
+        "folders, tried first for hub ids",
+    )
+    m.add_argument(
+        "--subfolder",
+        help="folder inside --pretrained (or --config) holding the VAE's config.json; default: detected "
+        "(top level or vae/)",
+    )
+    m.add_argument(
+        "--single_file",
+        metavar="PATH",
+        help="single-file checkpoint (.safetensors/.pt/.pth/.ckpt), original Wan keys (Wan2.1_VAE.pth) or "
+        "diffusers keys, loaded with AutoencoderKLWan.from_single_file",
+    )
+    m.add_argument(
+        "--config",
+        metavar="PATH_OR_ID",
+        help="for --single_file: diffusers folder or hub id with the VAE config (honours --subfolder). Default: "
+        "inferred offline from the weight shapes (Wan2.1 or Wan2.2 layout; real latents_mean/std only for "
+        "Wan2.1's z_dim 16)",
+    )
+    m.add_argument(
+        "--dtype",
+        default="float32",
+        choices=list(DTYPES),
+        help="parameter and compute dtype (default: %(default)s)",
+    )
+
+    i = p.add_argument_group("input (default: the built-in demo clip, round-tripped)")
+    i.add_argument(
+        "--latents",
+        metavar="PATH",
+        help="latents (batch, z_dim, frames, rows, cols) or one sample without batch, from .safetensors, .pt/.pth, "
+        ".npy or .npz; e.g. torch.save(pipe(..., output_type='latent').frames, 'latents.pt')",
+    )
+    i.add_argument(
+        "--latents_key",
+        help="entry to read from a --latents file holding several tensors (default: the only one, or "
+        "'latents' / 'frames')",
+    )
+    i.add_argument(
+        "--latents_normalized",
+        action="store_true",
+        help="the latents are normalized, as Wan pipelines return them with output_type='latent': apply "
+        "z * latents_std + latents_mean from the model config before decoding",
+    )
+    i.add_argument(
+        "--video",
+        metavar="PATH",
+        help="video file (mp4, webm, gif, ...) to round-trip: sharded encode, then decode; metrics get PSNR and "
+        "SSIM against the input. Height and width must be multiples of the spatial factor (8 for Wan2.1, 16 for "
+        "Wan2.2); frames past the last 1 + 4k are dropped",
+    )
+    i.add_argument("--max_frames", type=int, help="read at most this many frames of --video (or of the demo clip)")
+
+    o = p.add_argument_group("output")
+    o.add_argument(
+        "--output_dir",
+        default="outputs/decode",
+        help="receives video.mp4 (video_<i>.mp4 for further batch samples), metrics.json and, when asked, "
+        "decoded.safetensors (default: %(default)s)",
+    )
+    o.add_argument("--fps", type=float, default=16.0, help="frame rate of the mp4 (default: %(default)s, Wan's rate)")
+    o.add_argument(
+        "--save_tensor",
+        action="store_true",
+        help="also write decoded.safetensors: the decoded video tensor ('video', (B, C, T, H, W) in [-1, 1], the "
+        "model dtype) before mp4 encoding, for exact comparisons",
+    )
+    o.add_argument("--no_progress", action="store_true", help="no progress bar (default: one on the main rank)")
+
+    par = p.add_argument_group("parallelism")
+    par.add_argument(
+        "--parallel",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="on: split rows over all processes (needs at least one latent row per process); off: every process "
+        "decodes the whole input, no communication, rank 0 writes; auto: on when each process gets at least "
+        "--auto_threshold latent elements and the rows can be split, else off (default: %(default)s)",
+    )
+    par.add_argument(
+        "--auto_threshold",
+        type=int,
+        default=AUTO_MIN_WORK_PER_RANK,
+        help="latent elements per process (batch x frames x rows x cols) from which --parallel auto shards "
+        "(default: %(default)s, measured as described above)",
+    )
+    add_runtime_args(p)
+    return p
+
+
+def main(argv=None) -> int:
+    return run_recipe(build_parser(), run_decode, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
