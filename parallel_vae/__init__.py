@@ -24,6 +24,7 @@ from .api import (
     spatial_size,
 )
 from .pipeline import decode_video, encode_video
+from .checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing
 from .comm import gather_rows, halo_exchange, scatter_rows
 from .loss import sharded_loss
 from .sharding import ShardingError, row_offsets, row_split
@@ -46,6 +47,8 @@ __all__ = [
     "gather_shards",
     "local_rows",
     "sharded_loss",
+    "enable_gradient_checkpointing",
+    "disable_gradient_checkpointing",
     "halo_exchange",
     "scatter_rows",
     "gather_rows",

@@ -39,10 +39,12 @@ class Case:
     world: int = 2
     groups: Optional[tuple] = None  # e.g. ((2, 3),) or ((0, 1), (2, 3)); None = the whole world
     grads: bool = True
+    checkpointing: bool = False
 
     @property
     def id(self) -> str:
         g = "" if self.groups is None else "-groups" + "|".join(",".join(map(str, rs)) for rs in self.groups)
+        g += "-ckpt" if self.checkpointing else ""
         return (
             f"{self.layout}-{self.dtype}-{self.mode}-w{self.world}-b{self.batch}-t{self.frames}"
             f"-h{self.latent_h}x{self.latent_w}{g}"
@@ -107,6 +109,8 @@ def run_case(rank: int, case: Case):
     dtype = DTYPES[case.dtype]
     vae = make_model(case.layout, dtype)
     pv.enable_spatial_parallelism(vae, group)
+    if case.checkpointing:
+        pv.enable_gradient_checkpointing(vae)
     x, w = make_inputs(case, dtype)
     x.requires_grad_(case.grads)
     seen_rows = []
