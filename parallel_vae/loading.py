@@ -121,7 +121,8 @@ def load_vae(
 def default_vae(
     dtype: torch.dtype = torch.float32, default_dir: os.PathLike | str = DEFAULT_VAE_DIR
 ) -> tuple[AutoencoderKLWan, dict]:
-    """The built-in model: the checkpoint in ``default_dir`` if it exists, else the seeded Wan2.1-layout model."""
+    """The built-in model, in eval mode: the checkpoint in ``default_dir`` if it exists, else the seeded
+    Wan2.1-layout model (:data:`DEFAULT_SEEDED`)."""
     default_dir = Path(default_dir)
     if default_dir.is_dir():
         vae, source = load_pretrained(str(default_dir), dtype=dtype)
@@ -339,7 +340,7 @@ def _ready(vae: AutoencoderKLWan, dtype: torch.dtype) -> AutoencoderKLWan:
     if vae.dtype != dtype:
         with _quiet_diffusers():
             vae = vae.to(dtype)
-    vae.requires_grad_(False)
+    # eval mode (no dropout; Wan has none at inference anyway); requires_grad is left alone for fine-tuning.
     return vae.eval()
 
 

@@ -91,12 +91,17 @@ def build_wan_vae(
             with torch.no_grad():
                 for p in vae.parameters():
                     p.add_(torch.rand_like(p).sub_(0.5).mul_(2 * perturb))
-    if dtype != torch.float32:
-        # ModelMixin.to() warns about keep-in-fp32 modules even when the list is empty; Wan has none.
-        level = diffusers_logging.get_verbosity()
-        diffusers_logging.set_verbosity_error()
-        try:
-            vae = vae.to(dtype)
-        finally:
-            diffusers_logging.set_verbosity(level)
-    return vae.eval()
+    return cast_quietly(vae, dtype).eval()
+
+
+def cast_quietly(vae: AutoencoderKLWan, dtype: torch.dtype) -> AutoencoderKLWan:
+    """``vae.to(dtype)`` without diffusers' keep-in-fp32 warning, which it prints even when the list is empty
+    (Wan has no keep-in-fp32 modules)."""
+    if dtype == next(vae.parameters()).dtype:
+        return vae
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        return vae.to(dtype)
+    finally:
+        diffusers_logging.set_verbosity(level)

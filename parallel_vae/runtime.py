@@ -180,7 +180,9 @@ class Runtime:
             dist.destroy_process_group()
 
 
-def start_runtime(*, timeout_s: float = DEFAULT_TIMEOUT_S, log_with: Optional[str] = None, prog: str = "recipe") -> Runtime:
+def start_runtime(
+    *, timeout_s: float = DEFAULT_TIMEOUT_S, log_with: Optional[str] = None, prog: str = "recipe", **accelerator_kwargs
+) -> Runtime:
     """Create the ``Accelerator`` with an explicit process group (when launched with several processes).
 
     ``WORLD_SIZE`` (set by ``accelerate launch`` / torchrun for multi-process runs) decides whether there is a
@@ -190,11 +192,20 @@ def start_runtime(*, timeout_s: float = DEFAULT_TIMEOUT_S, log_with: Optional[st
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
+    cuda = torch.cuda.is_available()
     handlers = []
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        handlers.append(InitProcessGroupKwargs(backend=backend, timeout=datetime.timedelta(seconds=timeout_s)))
-    accelerator = Accelerator(log_with=log_with, kwargs_handlers=handlers)
+        handlers.append(
+            InitProcessGroupKwargs(backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        )
+    # cpu=True without CUDA: a `--multi_gpu` (torchrun) launch on a GPU-less machine then becomes MULTI_CPU, so
+    # accelerate's own main-process-only helpers (trackers, logging, prepare) know they are distributed; left
+    # at its default it reports distributed_type NO and runs them on every rank. Not under a DeepSpeed launch:
+    # there cpu=True would drop the DeepSpeed plugin (DeepSpeed itself runs on CPU, and is DEEPSPEED already).
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    accelerator = Accelerator(
+        cpu=not cuda and not deepspeed, log_with=log_with, kwargs_handlers=handlers, **accelerator_kwargs
+    )
     return Runtime(accelerator, prog=prog)
 
 
@@ -240,9 +251,10 @@ def wandb_mode() -> str:
 
 
 def start_tracking(rt: Runtime, *, report_to: str, project: str, run_name: Optional[str], config: dict, dir: str) -> None:
-    """``accelerator.init_trackers`` for ``report_to`` (a no-op for ``none``); wandb offline without a login."""
-    if report_to == "none":
-        return
+    """``accelerator.init_trackers`` on the main rank for ``report_to`` (a no-op for ``none``); wandb runs offline
+    without a login (:func:`wandb_mode`), writing under ``dir``/wandb."""
+    if report_to == "none" or not rt.is_main:
+        return  # trackers live on the main rank only
     init_kwargs = {}
     if report_to == "wandb":
         init_kwargs["wandb"] = {"name": run_name, "dir": dir, "mode": wandb_mode()}
@@ -251,7 +263,10 @@ def start_tracking(rt: Runtime, *, report_to: str, project: str, run_name: Optio
 
 
 def run_recipe(
-    parser: ArgumentParser, job: Callable[[Runtime, argparse.Namespace], Any], argv: Optional[list[str]] = None
+    parser: ArgumentParser,
+    job: Callable[[Runtime, argparse.Namespace], Any],
+    argv: Optional[list[str]] = None,
+    accelerator_kwargs: Optional[Callable[[argparse.Namespace], dict]] = None,
 ) -> int:
     """Parse ``argv``, start the runtime, run ``job(runtime, args)``, and turn agreed errors into an exit status.
 
@@ -267,6 +282,7 @@ def run_recipe(
         timeout_s=getattr(args, "timeout", DEFAULT_TIMEOUT_S),
         log_with=None if args is None or getattr(args, "report_to", "none") == "none" else args.report_to,
         prog=parser.prog,
+        **(accelerator_kwargs(args) if accelerator_kwargs is not None and args is not None else {}),
     )
     try:
         with rt.agreed():

@@ -37,7 +37,21 @@ from parallel_vae.loading import DTYPES
 from parallel_vae.runtime import ArgumentParser, add_runtime_args, run_recipe
 
 THRESHOLD_TABLE = """\
-    (filled in from benchmarks/decode_threshold.py)"""
+    latent T,h,w  work/rank  1 proc   2 procs  speedup  (CPU-time speedup)   measured 2026-11-27, load avg 5.3
+    1,2,2              2     0.023s   0.140s   0.16     (0.28)
+    1,4,4              8     0.043s   0.098s   0.44     (0.66)
+    2,4,4             16     0.141s   0.205s   0.69     (0.89)
+    2,4,8             32     0.416s   0.588s   0.71     (1.22)
+    2,8,8             64     1.165s   0.713s   1.63     (1.91)
+    3,8,8             96     2.290s   1.251s   1.83     (2.40)
+    5,8,12           240     3.306s   2.085s   1.59     (3.03)
+    5,16,16          640     6.832s   5.096s   1.34     (2.01)
+
+    -> default --auto_threshold 64 (2 frames x 4 rows x 8 cols per rank). Fastest of 4 alternating runs each.
+    The machine was shared with other jobs (load average 4-5 on 2 cores): an earlier run had single sizes
+    above 64 at speedup < 1, so read the crossover as "between 32 and 96". Any real Wan latent (e.g.
+    21 x 60 x 104 for 81 frames of 480x832) is far above it; on GPUs, where per-layer compute is much
+    shorter relative to each halo exchange, the crossover is higher: re-measure there."""
 __doc__ = __doc__.replace("{THRESHOLD_TABLE}", THRESHOLD_TABLE)
 
 

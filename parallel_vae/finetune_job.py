@@ -1,0 +1,450 @@
+"""The fine-tuning job behind ``recipes/finetune.py``: hybrid D x S layout, sharded training step, validation
+through the shared decode path, checkpoints, exact resume, and a plain-diffusers export.
+
+Exactness of the layout: the clips of a step, the posterior noise of each sample and the loss normalization are
+functions of (seed, step, position in the global batch) only, so D x S ranks with batch B per replica take the same
+optimizer step as one process with batch D x B (tests/test_finetune.py checks it in float64 under DDP and
+DeepSpeed ZeRO-2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .api import enable_spatial_parallelism, shard_video, spatial_factor
+from .checkpointing import enable_gradient_checkpointing
+from .errors import InputError
+from .loading import load_vae
+from .metrics import peak_memory_bytes, psnr, ssim
+from .models import build_wan_vae
+from .pipeline import decode_video, encode_video
+from .runtime import Runtime, UsageError, start_tracking
+from .sharding import ShardingError
+from .training import (
+    ShardedAutoencoder,
+    batch_indices,
+    hybrid_layout,
+    posterior_noise,
+    sample_seeds,
+    vae_loss,
+)
+from .video import write_video
+
+__all__ = ["run_finetune", "add_finetune_args", "latest_checkpoint"]
+
+_SEEDED_RE = re.compile(r"^(wan2\.[12]):(\d+):(\d+)$")
+# float64 is for exactness tests (the layout equivalence test runs the recipe in float64).
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise UsageError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def add_finetune_args(p: argparse.ArgumentParser) -> None:
+    m = p.add_argument_group("model (default: the built-in model)")
+    m.add_argument("--pretrained", metavar="PATH_OR_ID", help="diffusers AutoencoderKLWan folder or hub id to start from")
+    m.add_argument("--subfolder", default=None, help="folder inside --pretrained holding config.json (detected)")
+    m.add_argument("--single_file", metavar="PATH", help="single-file checkpoint to start from")
+    m.add_argument(
+        "--seeded",
+        metavar="LAYOUT:BASE_DIM:Z_DIM",
+        help="start from a freshly initialized, seeded model of the real layout at this width, e.g. wan2.1:12:8 "
+        "(how the embedded default checkpoint was trained)",
+    )
+    m.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float64", "bfloat16"],
+        help="parameter dtype (float64 is for exactness tests; for bf16 training prefer float32 parameters with "
+        "--mixed_precision bf16) (default: %(default)s)",
+    )
+    m.add_argument(
+        "--mixed_precision",
+        default=None,
+        choices=["no", "bf16"],
+        help="autocast through accelerate (default: the launch config's setting)",
+    )
+    m.add_argument(
+        "--train",
+        default="all",
+        choices=["all", "decoder"],
+        help="train the whole VAE, or only post_quant_conv + decoder with the encoder frozen (default: %(default)s)",
+    )
+    m.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="recompute encoder/decoder block activations in backward (halo exchanges are repeated in order)",
+    )
+
+    par = p.add_argument_group("parallel layout")
+    par.add_argument(
+        "--sp_degree",
+        type=int,
+        default=None,
+        help="spatial ranks per clip S; the world is split into D = world / S data-parallel replicas of S "
+        "consecutive ranks (default: the whole world, D = 1)",
+    )
+
+    d = p.add_argument_group("data")
+    d.add_argument(
+        "--data",
+        default="synthetic",
+        help="'synthetic' (procedural moving shapes and textures, seeded), 'synthetic:N' (N clips), or a folder "
+        "of videos / image-sequence folders (default: %(default)s)",
+    )
+    d.add_argument("--val_data", default="synthetic:4", help="held-out clips, same forms as --data (default: %(default)s)")
+    d.add_argument("--frames", type=int, default=9, help="frames per clip, 1 + 4k (default: %(default)s)")
+    d.add_argument("--height", type=int, default=64, help="clip height, a multiple of the spatial factor (default: %(default)s)")
+    d.add_argument("--width", type=int, default=64, help="clip width, a multiple of the spatial factor (default: %(default)s)")
+
+    o = p.add_argument_group("optimization")
+    o.add_argument("--max_steps", type=int, default=100, help="optimizer steps (default: %(default)s)")
+    o.add_argument("--batch_size", type=int, default=1, help="clips per data-parallel replica per step (default: %(default)s)")
+    o.add_argument(
+        "--optimizer",
+        default="adamw",
+        choices=["adamw", "sgd"],
+        help="adamw for training; sgd makes the update proportional to the gradient, which is what the layout "
+        "exactness tests compare (an Adam first step is nearly sign(gradient) and would hide gradient errors) "
+        "(default: %(default)s)",
+    )
+    o.add_argument("--lr", type=float, default=1e-4, help="learning rate (default: %(default)s)")
+    o.add_argument("--weight_decay", type=float, default=0.0, help="weight decay (default: %(default)s)")
+    o.add_argument("--warmup_steps", type=int, default=0, help="linear learning-rate warm-up steps (default: %(default)s)")
+    o.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping, 0 = off (default: %(default)s)")
+    o.add_argument("--l1", type=float, default=1.0, help="weight of the mean L1 reconstruction loss (default: %(default)s)")
+    o.add_argument("--mse", type=float, default=0.0, help="weight of the mean squared reconstruction loss (default: %(default)s)")
+    o.add_argument("--kl", type=float, default=1e-6, help="weight of the per-sample KL term (default: %(default)s)")
+    o.add_argument(
+        "--sample_posterior",
+        action="store_true",
+        help="decode a posterior sample (noise seeded per step and sample) instead of the mean",
+    )
+    o.add_argument("--seed", type=int, default=0, help="data order and posterior noise seed (default: %(default)s)")
+
+    io = p.add_argument_group("validation, checkpoints, output")
+    io.add_argument("--output_dir", default="outputs/finetune", help="run folder (default: %(default)s)")
+    io.add_argument("--validate_every", type=int, default=50, help="validate every N steps, 0 = only at the end (default: %(default)s)")
+    io.add_argument("--checkpoint_every", type=int, default=0, help="accelerate save_state every N steps, 0 = off (default: %(default)s)")
+    io.add_argument("--resume", default=None, help="'latest' or a checkpoint folder written by --checkpoint_every")
+    io.add_argument("--log_every", type=int, default=1, help="log the training loss every N steps (default: %(default)s)")
+    io.add_argument(
+        "--export_dir",
+        default=None,
+        help="where the final model is saved with save_pretrained (default: OUTPUT_DIR/final); plain diffusers "
+        "AutoencoderKLWan.from_pretrained loads it",
+    )
+    io.add_argument(
+        "--export_dtype",
+        default=None,
+        choices=["float32", "float16", "bfloat16", "float64"],
+        help="dtype of the exported weights (default: the training dtype)",
+    )
+
+
+def latest_checkpoint(output_dir: str) -> Optional[str]:
+    folder = os.path.join(output_dir, "checkpoints")
+    if not os.path.isdir(folder):
+        return None
+    steps = [(int(m.group(1)), n) for n in os.listdir(folder) if (m := re.fullmatch(r"step_(\d+)", n))]
+    return os.path.join(folder, max(steps)[1]) if steps else None
+
+
+def _load_model(args, dtype: torch.dtype):
+    sources = [s for s in (args.pretrained, args.single_file, args.seeded) if s]
+    if len(sources) > 1:
+        raise UsageError("give at most one of --pretrained, --single_file, --seeded")
+    if args.seeded:
+        m = _SEEDED_RE.match(args.seeded)
+        if not m:
+            raise UsageError(f"--seeded must look like wan2.1:12:8 (LAYOUT:BASE_DIM:Z_DIM), got {args.seeded!r}")
+        layout, base, z = m.group(1), int(m.group(2)), int(m.group(3))
+        vae = build_wan_vae(layout, base_dim=base, z_dim=z, seed=args.seed, dtype=dtype)
+        return vae, {"kind": "seeded", "layout": layout, "base_dim": base, "z_dim": z, "seed": args.seed}
+    return load_vae(pretrained=args.pretrained, subfolder=args.subfolder, single_file=args.single_file, dtype=dtype)
+
+
+def _check_args(args, world: int) -> None:
+    if args.sp_degree is None:
+        args.sp_degree = world
+    if args.sp_degree < 1 or world % args.sp_degree:
+        divisors = [d for d in range(1, world + 1) if world % d == 0]
+        raise UsageError(f"--sp_degree {args.sp_degree} does not divide the world size {world}; use one of {divisors}")
+    if args.frames < 1 or (args.frames - 1) % 4:
+        lo = 1 + 4 * ((max(args.frames, 1) - 1) // 4)
+        raise UsageError(f"--frames must be 1 + 4k (Wan's temporal chunks), got {args.frames}; e.g. {lo} or {lo + 4}")
+    for name in ("max_steps", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be positive")
+    if args.resume and args.resume != "latest" and not os.path.isdir(args.resume):
+        raise InputError(f"--resume {args.resume}: no such checkpoint folder")
+
+
+def _make_data(spec: str, args, factor: int, seed: int):
+    from .data import make_dataset
+
+    try:
+        return make_dataset(spec, frames=args.frames, height=args.height, width=args.width, spatial_factor=factor, seed=seed)
+    except (ValueError, FileNotFoundError) as e:
+        raise InputError(str(e)) from e
+
+
+def _stack(dataset, indices, epoch: int, device, dtype) -> torch.Tensor:
+    # clip(i, epoch) is a pure function: a new temporal offset / crop each epoch for folder data, the same clips
+    # after a resume, and the same clip on every spatial rank of a replica.
+    return torch.stack([dataset.clip(i, epoch) for i in indices]).to(device=device, dtype=dtype)
+
+
+def _lr_lambda(warmup: int):
+    return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+
+
+def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
+    acc = rt.accelerator
+    with rt.agreed():
+        _check_args(args, rt.world_size)
+        dtype = parse_dtype(args.dtype)
+        vae, source = _load_model(args, dtype)
+        factor = spatial_factor(vae)
+        for name in ("height", "width"):
+            size = getattr(args, name)
+            if size % factor or size < factor:
+                lo = max(factor, size // factor * factor)
+                raise InputError(
+                    f"--{name} {size} is not a positive multiple of the spatial factor {factor}; "
+                    f"sizes that work: {lo}, {lo + factor}"
+                )
+        if args.height // factor < args.sp_degree:
+            raise ShardingError(
+                f"clips of height {args.height} have {args.height // factor} latent rows, too few to shard over "
+                f"--sp_degree {args.sp_degree}: use --height >= {args.sp_degree * factor} or a smaller --sp_degree"
+            )
+        train_data = _make_data(args.data, args, factor, args.seed)
+        val_data = _make_data(args.val_data, args, factor, args.seed + 7919)
+        dp = rt.world_size // args.sp_degree
+        if dp * args.batch_size > len(train_data):
+            raise InputError(
+                f"a global batch of {dp * args.batch_size} clips (D={dp} x --batch_size {args.batch_size}) needs at "
+                f"least that many training clips; {args.data} has {len(train_data)}"
+            )
+        resume = latest_checkpoint(args.output_dir) if args.resume == "latest" else args.resume
+        if args.resume == "latest" and resume is None:
+            raise InputError(f"--resume latest: no checkpoint under {os.path.join(args.output_dir, 'checkpoints')}")
+
+    layout = hybrid_layout(args.sp_degree)
+    vae = vae.to(rt.device)
+    enable_spatial_parallelism(vae, layout.spatial_group)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(vae)
+    train_encoder = args.train == "all"
+    if not train_encoder:
+        for p in list(vae.encoder.parameters()) + list(vae.quant_conv.parameters()):
+            p.requires_grad_(False)
+    vae.train()
+    module = ShardedAutoencoder(vae, train_encoder=train_encoder)
+    params = [p for p in module.parameters() if p.requires_grad]
+    if args.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=args.lr, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(args.warmup_steps))
+    if acc.state.deepspeed_plugin is not None:
+        # DeepSpeed wants the micro-batch size and cannot read it from a DataLoader here (we index the dataset).
+        ds_config = acc.state.deepspeed_plugin.deepspeed_config
+        ds_config["train_micro_batch_size_per_gpu"] = args.batch_size
+        # One flag decides clipping under DDP and DeepSpeed alike (DeepSpeed clips inside its step).
+        ds_config["gradient_clipping"] = args.max_grad_norm
+    module, optimizer, scheduler = acc.prepare(module, optimizer, scheduler)
+
+    start_step = 0
+    if resume:
+        acc.load_state(resume)
+        with open(os.path.join(resume, "trainer_state.json")) as f:
+            start_step = int(json.load(f)["step"])
+
+    config = {k: v for k, v in vars(args).items()} | layout.describe() | {"model_source": source}
+    start_tracking(rt, report_to=args.report_to, project=args.tracker_project, run_name=args.run_name, config=config, dir=args.output_dir)
+
+    latent_shape = (
+        vae.config.z_dim,
+        1 + (args.frames - 1) // 4,
+        args.height // factor,
+        args.width // factor,
+    )
+    numel = args.batch_size * 3 * args.frames * args.height * args.width
+    history, val_history = [], []
+    progress = None
+    if rt.is_main:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=args.max_steps, initial=start_step, desc="finetune", unit="step")
+    step_times = []
+    for step in range(start_step, args.max_steps):
+        t0 = time.perf_counter()
+        idx = batch_indices(step, layout.dp_rank, layout.dp_degree, args.batch_size, len(train_data), args.seed)
+        epoch = step // (len(train_data) // (layout.dp_degree * args.batch_size))
+        video = _stack(train_data, idx, epoch, rt.device, dtype)
+        x_local = shard_video(vae, video)
+        noise = None
+        if args.sample_posterior:
+            positions = list(range(layout.dp_rank * args.batch_size, (layout.dp_rank + 1) * args.batch_size))
+            noise = posterior_noise(vae, latent_shape, sample_seeds(step, positions, args.seed), dtype, rt.device)
+        with acc.autocast():
+            recon_local, moments = module(x_local, noise)
+        loss, parts = vae_loss(
+            recon_local.to(dtype),
+            x_local,
+            moments.to(dtype),
+            numel=numel,
+            batch=args.batch_size,
+            group=layout.spatial_group,
+            l1=args.l1,
+            mse=args.mse,
+            kl=args.kl,
+        )
+        acc.backward(loss)
+        if args.max_grad_norm > 0 and acc.state.deepspeed_plugin is None:
+            acc.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_times.append(time.perf_counter() - t0)
+
+        # The replica means, averaged over replicas (for logging; no gradient).
+        sums = torch.stack([parts["l1_sum"], parts["mse_sum"], parts["kl_sum"]]).double()
+        if rt.distributed:
+            dist.all_reduce(sums)
+        l1_mean, mse_mean = (sums[:2] / (numel * layout.dp_degree)).tolist()
+        kl_mean = (sums[2] / (args.batch_size * layout.dp_degree)).item()
+        total = args.l1 * l1_mean + args.mse * mse_mean + args.kl * kl_mean
+        record = {"step": step + 1, "loss": total, "l1": l1_mean, "mse": mse_mean, "kl": kl_mean, "step_seconds": step_times[-1]}
+        history.append(record)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{total:.4f}")
+        if rt.trackers_started and ((step + 1) % args.log_every == 0 or step + 1 == args.max_steps):
+            acc.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step + 1)
+
+        last = step + 1 == args.max_steps
+        if (args.validate_every and (step + 1) % args.validate_every == 0) or last:
+            val_history.append(_validate(rt, layout, vae, val_data, step + 1, args, dtype, step_times))
+        if args.checkpoint_every and ((step + 1) % args.checkpoint_every == 0 or last):
+            _save_checkpoint(rt, args.output_dir, step + 1)
+    if progress is not None:
+        progress.close()
+
+    export_dir = args.export_dir or os.path.join(args.output_dir, "final")
+    _export(rt, module, vae, export_dir, parse_dtype(args.export_dtype) if args.export_dtype else dtype)
+    summary = {
+        "layout": layout.describe(),
+        "start_step": start_step,
+        "history": history,
+        "validation": val_history,
+        "export_dir": export_dir,
+        "model_source": source,
+    }
+    if rt.is_main:
+        os.makedirs(args.output_dir, exist_ok=True)
+        _write_json(os.path.join(args.output_dir, "finetune_summary.json"), summary)
+    return summary
+
+
+def _write_json(path: str, obj) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def _validate(rt: Runtime, layout, vae, val_data, step: int, args, dtype, step_times) -> dict:
+    """Encode + decode held-out clips through the shared path (parallel_vae.decode_video, as recipes/decode.py);
+    replica d takes clips d, d + D, ...; metrics are averaged over all clips."""
+    acc = rt.accelerator
+    t0 = time.perf_counter()
+    totals = torch.zeros(3, dtype=torch.float64)  # psnr sum, ssim sum, clips
+    sample_path = None
+    for i in range(layout.dp_rank, len(val_data), layout.dp_degree):
+        clip = val_data[i][None].to(device=rt.device, dtype=dtype)
+        with acc.autocast():
+            posterior = encode_video(vae, clip, gather=False)
+            recon = decode_video(vae, posterior.mode(), sharded=True, gather=True)
+        if layout.sp_rank == 0:  # metrics at the model's own precision (psnr/ssim compute in float64)
+            totals += torch.tensor([psnr(recon, clip), ssim(recon, clip), 1.0], dtype=torch.float64)
+        if rt.is_main and sample_path is None:
+            # input | reconstruction, side by side
+            side = torch.cat([clip[0].float().cpu(), recon[0].float().cpu()], dim=-1)
+            sample_path = write_video(side, os.path.join(args.output_dir, "samples", f"step_{step:06d}.mp4"), fps=8)
+    if rt.distributed:
+        dist.all_reduce(totals)
+    mem = rt.gather_object(peak_memory_bytes(rt.device)["bytes"])
+    times = rt.gather_object(sum(step_times[-10:]) / max(1, len(step_times[-10:])))
+    result = {
+        "step": step,
+        "psnr": (totals[0] / totals[2]).item(),
+        "ssim": (totals[1] / totals[2]).item(),
+        "clips": int(totals[2].item()),
+        "validation_seconds": time.perf_counter() - t0,
+        "peak_memory_bytes_per_rank": mem,
+        "memory_kind": peak_memory_bytes(rt.device)["kind"],
+        "step_seconds_per_rank": times,
+    }
+    if rt.trackers_started:
+        log = {"val/psnr": result["psnr"], "val/ssim": result["ssim"], "val/seconds": result["validation_seconds"]}
+        log |= {f"memory/peak_bytes_rank{r}": b for r, b in enumerate(mem)}
+        log |= {f"time/step_seconds_rank{r}": t for r, t in enumerate(times)}
+        if rt.is_main and sample_path and args.report_to == "wandb":
+            import wandb
+
+            log["val/sample"] = wandb.Video(sample_path, format="mp4")
+        acc.log(log, step=step)
+    return result
+
+
+def _save_checkpoint(rt: Runtime, output_dir: str, step: int) -> None:
+    """accelerate save_state (every rank: collective under DeepSpeed) plus the step, written last by the main rank
+    so a folder with trainer_state.json is complete."""
+    path = os.path.join(output_dir, "checkpoints", f"step_{step:06d}")
+    rt.accelerator.save_state(path)
+    rt.barrier()
+    if rt.is_main:
+        _write_json(os.path.join(path, "trainer_state.json"), {"step": step})
+    rt.barrier()
+
+
+def _export(rt: Runtime, module, vae, export_dir: str, dtype: torch.dtype) -> None:
+    """Save the trained weights as a plain diffusers folder (no parallel_vae needed to load it)."""
+    from diffusers import AutoencoderKLWan
+
+    state = rt.accelerator.get_state_dict(module)  # every rank: gathers ZeRO-3 partitions
+    if rt.is_main:
+        from .models import cast_quietly
+
+        # Cast before loading: load_state_dict copies into the existing parameters, so loading float64 weights
+        # into the float32 model from_config builds would round them.
+        plain = cast_quietly(AutoencoderKLWan.from_config(vae.config), dtype)
+        prefix = "vae."
+        plain.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
+        parent = os.path.dirname(os.path.abspath(export_dir))
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
+        plain.save_pretrained(tmp)
+        if os.path.isdir(export_dir):
+            shutil.rmtree(export_dir)
+        os.replace(tmp, export_dir)
+    rt.barrier()
