@@ -28,18 +28,18 @@ import argparse
 import contextlib
 import datetime
 import json
-import math
 import os
 import pickle
 import platform
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
 import time
 import traceback
 import weakref
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -124,6 +124,20 @@ class LiveTensorBytes:
         self._mode.__exit__(*exc)
 
 
+def _register_onednn_flops() -> None:
+    """Teach ``FlopCounterMode`` the oneDNN convolution that parallel_vae's halo layers call directly on CPU
+    (torch's registry knows ``aten.convolution`` and friends, not ``aten.mkldnn_convolution``)."""
+    from torch.utils import flop_counter
+
+    op = torch.ops.aten.mkldnn_convolution
+    if op in flop_counter.flop_registry or op.default in flop_counter.flop_registry:
+        return
+
+    @flop_counter.register_flop_formula(op)
+    def _mkldnn_conv_flop(x_shape, w_shape, bias, padding, stride, dilation, groups, *args, out_shape=None, **kw):
+        return flop_counter.conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
+
+
 def _rss_now() -> int:
     try:
         with open("/proc/self/statm") as f:
@@ -180,6 +194,7 @@ class Job:
     device: str  # "cpu" or "cuda"
     threads: int
     seed: int
+    tf32: bool = False
     ref_path: str = ""
 
 
@@ -236,9 +251,13 @@ def _rank_body(rank: int, world: int, job: Job, tmpdir: str) -> dict:
     torch.set_num_threads(job.threads)
     with contextlib.suppress(RuntimeError):
         torch.set_num_interop_threads(1)
+    _register_onednn_flops()
     if job.device == "cuda":
         torch.cuda.set_device(rank % torch.cuda.device_count())
         device = torch.device("cuda", torch.cuda.current_device())
+        # TF32 convolutions (cuDNN's default) are 1e-3 accurate: off unless asked, so the exactness column means
+        # something; both sides of every comparison run with the same setting.
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = job.tf32
     else:
         device = torch.device("cpu")
     if job.impl == "parallel":
@@ -304,26 +323,31 @@ def _rank_body(rank: int, world: int, job: Job, tmpdir: str) -> dict:
     del out
 
     # 2. timed runs (min over repeats); on GPU the first one also measures max_memory_allocated.
-    walls, cpus = [], []
+    walls, cpus, waits = [], [], []
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
         base_alloc = torch.cuda.memory_allocated(device)
     for i in range(job.repeats):
         barrier()
-        with torch.no_grad(), _Clock(device) as clock:
+        # Counting costs a few Python operations per collective; it also times the waits on peers.
+        with torch.no_grad(), count_traffic() as timed_traffic, _Clock(device) as clock:
             out = _run_op(job, vae, x)
         del out
         walls.append(clock.wall)
         cpus.append(clock.cpu)
+        waits.append(timed_traffic.wait_s)
         if device.type == "cuda" and i == 0:
             res["peak_live_bytes"] = torch.cuda.max_memory_allocated(device) - base_alloc
     if device.type == "cuda" and "peak_live_bytes" not in res:
         res["peak_live_bytes"] = None
     barrier()
+    best = min(range(len(walls)), key=walls.__getitem__) if walls else None
     res.update(
-        wall_s=min(walls) if walls else None,
+        wall_s=walls[best] if walls else None,
         cpu_s=min(cpus) if cpus else None,
+        # NCCL waits are stream-ordered (the host does not block), so the host-side wait means nothing on GPU.
+        comm_wait_s=waits[best] if walls and device.type == "cpu" else None,
         walls=walls,
         cpus=cpus,
         rss_before_bytes=rss_before,
@@ -362,13 +386,20 @@ def _launch(job: Job, timeout: float) -> list[dict]:
             raise RuntimeError(f"{job.impl} {job.op} {job.mode} N={job.world} failed:\n{errors[0]}")
         if job.impl == "diffusers":
             # Keep the baseline output beyond the temporary directory: the parallel runs compare against it.
-            keep = os.path.join(_KEEP_DIR, f"ref_{job.op}.pt")
+            keep = os.path.join(_keep_dir(), f"ref_{job.op}.pt")
             os.replace(results[0]["ref_file"], keep)
             results[0]["ref_file"] = keep
         return results
 
 
-_KEEP_DIR = tempfile.mkdtemp(prefix="bench_vae_ref_")
+_KEEP: list[str] = []
+
+
+def _keep_dir() -> str:
+    """A directory for the baseline outputs that outlives each configuration (removed at the end of main)."""
+    if not _KEEP:
+        _KEEP.append(tempfile.mkdtemp(prefix="bench_vae_ref_"))
+    return _KEEP[0]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -380,9 +411,10 @@ _KEEP_DIR = tempfile.mkdtemp(prefix="bench_vae_ref_")
 def _simulated_group(world: int, rank: int):
     """Make parallel_vae's collectives act as rank ``rank`` of ``world`` on one device, without communication.
 
-    Halo receives leave the zero-filled buffers as they are (the values do not matter for timing; the shapes,
-    the copies and the convolutions are the real ones); all-gathers fill the output with copies of this rank's
-    shard (every rank as large as this one). Every exchange is still counted by ``count_traffic``.
+    Halo receives are filled with zeros (the values do not matter for timing; the shapes, the copies and the
+    convolutions are the real ones, and zeros keep uninitialized memory's NaNs and denormals out of the timing);
+    all-gathers fill the output with copies of this rank's shard (every rank as large as this one). Every
+    exchange is still counted by ``count_traffic``.
     """
     from parallel_vae import comm
 
@@ -392,20 +424,23 @@ def _simulated_group(world: int, rank: int):
     def group_rank(group):
         return rank
 
-    def p2p(sends, recvs, group):
+    def p2p_start(sends, recvs, group):
         if comm._counter is not None:
             comm._counter.add("p2p", sum(comm._nbytes(t) for t, _ in sends), sum(comm._nbytes(t) for t, _ in recvs))
+        for buf, _ in recvs:
+            buf.zero_()
+        return []
 
     def all_gather_single(out, inp, group):
         if comm._counter is not None:
             comm._counter.add("all_gather", comm._nbytes(inp) * (world - 1), comm._nbytes(out) - comm._nbytes(inp))
         out.view(world, -1).copy_(inp.reshape(1, -1).expand(world, -1))
 
-    saved = {n: getattr(comm, n) for n in ("group_size", "group_rank", "_p2p", "_all_gather_single")}
-    comm.group_size, comm.group_rank, comm._p2p, comm._all_gather_single = (
+    saved = {n: getattr(comm, n) for n in ("group_size", "group_rank", "_p2p_start", "_all_gather_single")}
+    comm.group_size, comm.group_rank, comm._p2p_start, comm._all_gather_single = (
         group_size,
         group_rank,
-        p2p,
+        p2p_start,
         all_gather_single,
     )
     try:
@@ -433,9 +468,11 @@ def _projection_body(job: Job, worlds: list[int]) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.set_num_threads(job.threads)
+    _register_onednn_flops()
     device = torch.device("cuda", 0) if job.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = job.tf32
     vae = _model(job, device)
     full = _inputs(job, vae)
     f = pv.spatial_factor(vae)
@@ -542,6 +579,9 @@ def _summarize(job: Job, ranks: list[dict], base: Optional[dict], oversubscribed
         "oversubscribed": oversubscribed,
         "wall_s": max(walls) if timed else None,
         "cpu_s_per_rank": cpus if timed else None,
+        "comm_wait_s_per_rank": [r["comm_wait_s"] for r in ranks]
+        if timed and ranks[0]["comm_wait_s"] is not None
+        else None,
         "flops_per_rank": [r["flops"] for r in ranks],
         "peak_live_bytes_per_rank": [r.get("peak_live_bytes") for r in ranks],
         "peak_live_op": ranks[0].get("peak_live_op"),
@@ -577,6 +617,7 @@ def _main_table(summaries: list[dict]) -> str:
         "wall s",
         "speed-up",
         "CPU s/rank",
+        "wait s/rank",
         "work eff",
         "GFLOP/rank",
         "FLOP eff",
@@ -600,6 +641,7 @@ def _main_table(summaries: list[dict]) -> str:
                 "oversub." if s["oversubscribed"] else _fmt(s["wall_s"], ".2f"),
                 _fmt(s.get("speedup"), ".2f"),
                 "-" if cpus is None else "/".join(f"{c:.2f}" for c in cpus),
+                "-" if not s["comm_wait_s_per_rank"] else "/".join(f"{c:.2f}" for c in s["comm_wait_s_per_rank"]),
                 _fmt(s.get("work_efficiency"), ".3f"),
                 "/".join(f"{f / 1e9:.1f}" for f in s["flops_per_rank"]),
                 _fmt(s.get("flop_efficiency"), ".4f"),
@@ -705,7 +747,8 @@ def _targets(summaries: list[dict], n_cores: int, device: str) -> list[tuple[str
         tol = _TOLERANCE.get(summaries[0]["dtype"]) if summaries else None
         if errs and tol is not None:
             v = max(errs)
-            out.append((f"{op}: exact vs diffusers (rel err <= {tol:g})", f"{v:.1e}", "holds" if v <= tol else "MISSED"))
+            verdict = "holds" if v <= tol else "MISSED"
+            out.append((f"{op}: exact vs diffusers (rel err <= {tol:g})", f"{v:.1e}", verdict))
     return out
 
 
@@ -728,6 +771,7 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank and for the baseline (CPU)")
     p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--tf32", action="store_true", help="allow TF32 on GPU (off by default: exactness is checked)")
     p.add_argument("--projection", default="auto", choices=["auto", "on", "off"], help="auto: on with CUDA")
     p.add_argument("--proj_worlds", default="1,2,4,8")
     p.add_argument("--proj_bw_gbs", type=float, default=100.0, help="link bandwidth (GB/s) assumed by the projection")
@@ -754,7 +798,7 @@ def main(argv=None) -> dict:
     started = time.monotonic()
     load_start = os.getloadavg()
     print(f"machine: {machine}", flush=True)
-    print(f"load average at start (1/5/15 min): {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}", flush=True)
+    print("load average at start (1/5/15 min): " + " ".join(f"{v:.2f}" for v in load_start), flush=True)
     common = dict(
         layout=args.layout,
         base_dim=args.base_dim,
@@ -765,6 +809,7 @@ def main(argv=None) -> dict:
         device=device,
         threads=args.threads,
         seed=args.seed,
+        tf32=args.tf32,
     )
     summaries, raw = [], {}
     for op in ops:
@@ -784,9 +829,8 @@ def main(argv=None) -> dict:
                     continue
                 over = device == "cpu" and n * args.threads > cores
                 repeats = 0 if over else (args.repeats if mode == "sharded" else 1)
-                job = Job(
-                    impl="parallel", op=op, mode=mode, world=n, repeats=repeats, ref_path=base_ranks[0]["ref_file"], **common
-                )
+                ref = base_ranks[0]["ref_file"]
+                job = Job(impl="parallel", op=op, mode=mode, world=n, repeats=repeats, ref_path=ref, **common)
                 load = os.getloadavg()[0]
                 tag = " (oversubscribed: memory and counts only)" if over else ""
                 print(f"[{time.monotonic() - started:6.1f}s] {op}: parallel {mode} N={n}{tag} ...", flush=True)
@@ -802,24 +846,36 @@ def main(argv=None) -> dict:
             job = Job(impl="parallel", op=op, mode="projection", world=1, repeats=max(1, args.repeats), **common)
             projections[op] = _run_projection(job, pworlds, args.timeout)
 
+    if _KEEP:
+        shutil.rmtree(_KEEP.pop(), ignore_errors=True)
     load_end = os.getloadavg()
     elapsed = time.monotonic() - started
     shape = f"{args.latent_frames} latent frames of {args.latent_hw[0]}x{args.latent_hw[1]}"
     width = f"base_dim {args.base_dim or 'real'}"
     print()
     print(f"== parallel_vae vs unmodified diffusers: {args.layout} ({width}), {shape}, {args.dtype}, {device} ==")
-    print(f"machine: {machine['cpu']}, {cores} cores" + (f", {machine.get('gpus')} x {machine.get('gpu')}" if device == "cuda" else ""))
+    gpus = f", {machine.get('gpus')} x {machine.get('gpu')}" if device == "cuda" else ""
+    print(f"machine: {machine['cpu']}, {cores} cores{gpus}")
     print(f"threads per rank: {args.threads}; timed runs: min of {args.repeats} after a counting/warm-up run")
     print(f"load average (1 min) at start {load_start[0]:.2f}, at end {load_end[0]:.2f}; total {elapsed:.0f}s")
+    # Only the load before the first configuration is other work's: later readings include this script's ranks.
+    if device == "cpu" and load_start[0] > 1.0:
+        print(
+            f"WARNING: other work was running (load average {load_start[0]:.1f} on {cores} cores at start): wall\n"
+            "times and speed-ups are unreliable. FLOPs, memory, bytes and exactness do not depend on load; CPU\n"
+            "times barely."
+        )
     print()
     print(_main_table(summaries))
     print()
     print(
-        "wall = slowest rank; CPU s/rank = process CPU time per rank; work eff = baseline CPU / sum of rank CPU;\n"
+        "wall = slowest rank; CPU s/rank = process CPU time per rank; wait = time blocked in collectives (waiting\n"
+        "for peers and transfers); work eff = baseline CPU / sum of rank CPU;\n"
         "FLOP eff = baseline FLOPs / sum of rank FLOPs; peak act = peak live tensor bytes of the op (CPU: storage\n"
         "tracker; GPU: max_memory_allocated above weights+input), weights separate; vs 1/N = max rank peak /\n"
-        "(baseline peak / N); RSS = process peak resident set; sent = bytes this rank sent (halo rows, K/V, metadata);\n"
-        "rel err = max |parallel - diffusers| / max |diffusers|. 'oversub.': more ranks than cores, speed not reported."
+        "(baseline peak / N); RSS = process peak resident set; sent = bytes this rank sent (halo rows, K/V,\n"
+        "metadata); rel err = max |parallel - diffusers| / max |diffusers|. 'oversub.': more ranks than cores,\n"
+        "speed not reported."
     )
     proj_out = {}
     if projections:
@@ -865,7 +921,8 @@ def main(argv=None) -> dict:
 def _log_wandb(args, report: dict) -> None:
     import wandb
 
-    run = wandb.init(project=args.wandb_project, name=args.run_name, config=dict(report["args"], machine=report["machine"]))
+    config = dict(report["args"], machine=report["machine"])
+    run = wandb.init(project=args.wandb_project, name=args.run_name, config=config)
     cols = ["op", "impl", "mode", "world", "wall_s", "speedup", "work_efficiency", "flop_efficiency", "memory_ratio",
             "max_peak_live_mib", "max_sent_mib", "rel_err"]
     table = wandb.Table(columns=cols)
@@ -877,12 +934,14 @@ def _log_wandb(args, report: dict) -> None:
             max(s["sent_bytes_per_rank"]) / 2**20, s.get("rel_err"),
         )
         key = f"{s['op']}/{s['mode']}/N{s['world']}"
-        run.summary.update({f"{key}/{k}": s.get(k) for k in ("wall_s", "speedup", "work_efficiency", "flop_efficiency", "memory_ratio", "rel_err")})
+        metrics = ("wall_s", "speedup", "work_efficiency", "flop_efficiency", "memory_ratio", "rel_err")
+        run.summary.update({f"{key}/{k}": s.get(k) for k in metrics})
     run.log({"results": table})
     for op, proj in report["projection"].items():
         ptable = wandb.Table(columns=["world", "compute_s", "projected_s", "speedup", "efficiency", "received_mib"])
         for n, p in proj.items():
-            ptable.add_data(int(n), p["compute_s"], p["projected_s"], p["speedup"], p["efficiency"], p["received_bytes"] / 2**20)
+            mib = p["received_bytes"] / 2**20
+            ptable.add_data(int(n), p["compute_s"], p["projected_s"], p["speedup"], p["efficiency"], mib)
         run.log({f"projection/{op}": ptable})
     run.summary.update({"load_avg_start": report["load_avg_start"][0], "load_avg_end": report["load_avg_end"][0]})
     run.finish()

@@ -10,6 +10,7 @@ Public API (see README.md):
 * communication primitives (autograd Functions): :func:`halo_exchange`, :func:`scatter_rows`, :func:`gather_rows`.
 """
 
+from . import metrics
 from .api import (
     disable_spatial_parallelism,
     enable_spatial_parallelism,

@@ -16,16 +16,19 @@ Edge ranks pad with zeros exactly as the layer's own padding would; there is no 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections import Counter
 from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from .sharding import ShardingError, row_split
 
 __all__ = [
     "halo_exchange",
+    "halo_pad",
     "scatter_rows",
     "gather_rows",
     "all_gather_sizes",
@@ -73,6 +76,7 @@ class CommCounter:
         self.sent: Counter = Counter()
         self.received: Counter = Counter()
         self.calls: Counter = Counter()
+        self.wait_s = 0.0  # wall time spent blocked on collectives (waiting for peers and for the transfer)
 
     def add(self, kind: str, sent: int, received: int) -> None:
         self.sent[kind] += sent
@@ -84,6 +88,7 @@ class CommCounter:
         return {
             "sent_bytes": sum(self.sent.values()),
             "received_bytes": sum(self.received.values()),
+            "wait_s": self.wait_s,
             "by_kind": {k: {"sent": self.sent[k], "received": self.received[k], "calls": self.calls[k]} for k in kinds},
         }
 
@@ -107,12 +112,23 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _wait(works: Sequence) -> None:
+    if _counter is None:
+        for work in works:
+            work.wait()
+        return
+    start = time.perf_counter()
+    for work in works:
+        work.wait()
+    _counter.wait_s += time.perf_counter() - start
+
+
 def _all_gather_single(out: torch.Tensor, inp: torch.Tensor, group) -> None:
     if _counter is not None:
         peers = out.numel() // max(inp.numel(), 1) - 1
         _counter.add("all_gather", _nbytes(inp) * peers, _nbytes(out) - _nbytes(inp))
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    fn(out, inp, group=group)
+    _wait([fn(out, inp, group=group, async_op=True)])
 
 
 def _reduce_scatter_single(out: torch.Tensor, inp: torch.Tensor, group) -> None:
@@ -120,19 +136,21 @@ def _reduce_scatter_single(out: torch.Tensor, inp: torch.Tensor, group) -> None:
         peers = inp.numel() // max(out.numel(), 1) - 1
         _counter.add("reduce_scatter", _nbytes(inp) - _nbytes(out), _nbytes(out) * peers)
     fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    fn(out, inp, group=group)
+    _wait([fn(out, inp, group=group, async_op=True)])
 
 
-def _p2p(sends: Sequence[tuple[torch.Tensor, int]], recvs: Sequence[tuple[torch.Tensor, int]], group) -> None:
-    """Post all sends and receives (peers are group ranks) as one batch and wait for them."""
+def _p2p_start(sends: Sequence[tuple[torch.Tensor, int]], recvs: Sequence[tuple[torch.Tensor, int]], group) -> list:
+    """Post all sends and receives (peers are group ranks) as one batch; return the works to wait on."""
     if _counter is not None:
         _counter.add("p2p", sum(_nbytes(t) for t, _ in sends), sum(_nbytes(t) for t, _ in recvs))
     ops = [dist.P2POp(dist.irecv, buf, _global_peer(group, peer), group) for buf, peer in recvs]
     ops += [dist.P2POp(dist.isend, t, _global_peer(group, peer), group) for t, peer in sends]
-    if not ops:
-        return
-    for work in dist.batch_isend_irecv(ops):
-        work.wait()
+    return dist.batch_isend_irecv(ops) if ops else []
+
+
+def _p2p(sends: Sequence[tuple[torch.Tensor, int]], recvs: Sequence[tuple[torch.Tensor, int]], group) -> None:
+    """Post all sends and receives (peers are group ranks) as one batch and wait for them."""
+    _wait(_p2p_start(sends, recvs, group))
 
 
 def _rows_shape(x: torch.Tensor, dim: int, rows: int) -> list[int]:
@@ -141,33 +159,97 @@ def _rows_shape(x: torch.Tensor, dim: int, rows: int) -> list[int]:
     return shape
 
 
+def _halo_pad(
+    x: torch.Tensor,
+    group,
+    dim: int,
+    top: int,
+    bottom: int,
+    prefix: Optional[torch.Tensor] = None,
+    cat_dim: int = 0,
+    zero_front: int = 0,
+    prefix_halo: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+) -> torch.Tensor:
+    """One new tensor: along ``cat_dim``, ``zero_front`` zero slices, then ``prefix`` (if any), then ``x``; along
+    ``dim``, ``top`` rows of the rank above and ``bottom`` rows of the rank below around my rows.
+
+    The global first rank gets ``top`` zero rows and the global last rank ``bottom`` zero rows, exactly the zero
+    padding the unsharded layer applies. This is ``cat([zeros, prefix, x], cat_dim)`` followed by the halo
+    exchange (a causal conv's cached frames and its zero time padding, then the height halo) written once, with
+    my rows copied in while the neighbours' rows are in flight.
+
+    ``prefix_halo`` = (rows above, rows below) of the prefix slices, already received earlier (a causal conv's
+    cached frames were this rank's previous input, whose halo rows were exchanged then): only the halo rows of
+    ``x`` travel. Every rank of the group must pass it or not at the same call.
+    """
+    rank, size = group_rank(group), group_size(group)
+    rows = x.size(dim)
+    if rows < max(top, bottom):
+        raise ShardingError(f"a shard of {rows} rows cannot supply a halo of {max(top, bottom)} rows")
+    parts = [p for p in (prefix, x) if p is not None]
+    known = prefix.size(cat_dim) if prefix is not None and prefix_halo is not None else 0
+    # step 0: the output and the halo receive buffers.
+    shape = _rows_shape(x, dim, top + rows + bottom)
+    data = sum(p.size(cat_dim) for p in parts)
+    shape[cat_dim] = zero_front + data
+    out = x.new_empty(shape)
+    body = out.narrow(cat_dim, zero_front, data)  # the slices that carry data (the zero front has no halo to fetch)
+    live = body.narrow(cat_dim, known, data - known)  # the slices whose halo rows travel now
+    from_above = live.new_empty(_rows_shape(live, dim, top)) if top and rank > 0 else None
+    from_below = live.new_empty(_rows_shape(live, dim, bottom)) if bottom and rank < size - 1 else None
+    exchanged = parts[1:] if known else parts
+
+    def edge(start: int, count: int) -> torch.Tensor:
+        chunks = [p.narrow(dim, start, count) for p in exchanged]
+        return torch.cat(chunks, cat_dim) if len(chunks) > 1 else chunks[0].contiguous()
+
+    # step 1: post the exchange. My last `top` rows are the top halo of the rank below; my first `bottom` rows
+    # the bottom halo of the rank above.
+    sends, recvs = [], []
+    if from_above is not None:
+        recvs.append((from_above, rank - 1))
+    if from_below is not None:
+        recvs.append((from_below, rank + 1))
+    if top and rank < size - 1:
+        sends.append((edge(rows - top, top), rank + 1))
+    if bottom and rank > 0:
+        sends.append((edge(0, bottom), rank - 1))
+    works = _p2p_start(sends, recvs, group)
+    # step 2: while the rows travel, copy mine in (and the prefix's known halo rows) and zero the padding.
+    if zero_front:
+        out.narrow(cat_dim, 0, zero_front).zero_()
+    offset = 0
+    for p in parts:
+        body.narrow(cat_dim, offset, p.size(cat_dim)).narrow(dim, top, rows).copy_(p)
+        offset += p.size(cat_dim)
+    if known:
+        done = body.narrow(cat_dim, 0, known)
+        if top:
+            done.narrow(dim, 0, top).copy_(prefix_halo[0])
+        if bottom:
+            done.narrow(dim, top + rows, bottom).copy_(prefix_halo[1])
+    if top and from_above is None:
+        live.narrow(dim, 0, top).zero_()
+    if bottom and from_below is None:
+        live.narrow(dim, top + rows, bottom).zero_()
+    # step 3: wait and attach the neighbours' rows.
+    _wait(works)
+    if from_above is not None:
+        live.narrow(dim, 0, top).copy_(from_above)
+    if from_below is not None:
+        live.narrow(dim, top + rows, bottom).copy_(from_below)
+    return out
+
+
 def _halo_exchange(x: torch.Tensor, group, dim: int, top: int, bottom: int) -> torch.Tensor:
     """Return ``x`` with ``top`` rows of the rank above and ``bottom`` rows of the rank below attached along ``dim``.
 
     The global first rank gets ``top`` zero rows and the global last rank ``bottom`` zero rows, exactly the zero
     padding the unsharded layer applies.
     """
-    rank, size = group_rank(group), group_size(group)
-    rows = x.size(dim)
-    if rows < max(top, bottom):
-        raise ShardingError(f"a shard of {rows} rows cannot supply a halo of {max(top, bottom)} rows")
-    # step 0: buffers. Edge halos stay zero; inner halos are overwritten by the receive.
-    top_buf = x.new_zeros(_rows_shape(x, dim, top)) if top else None
-    bottom_buf = x.new_zeros(_rows_shape(x, dim, bottom)) if bottom else None
-    sends, recvs = [], []
-    # step 1: my last `top` rows are the top halo of the rank below; my first `bottom` rows the bottom halo above.
-    if top and rank > 0:
-        recvs.append((top_buf, rank - 1))
-    if bottom and rank < size - 1:
-        recvs.append((bottom_buf, rank + 1))
-    if top and rank < size - 1:
-        sends.append((x.narrow(dim, rows - top, top).contiguous(), rank + 1))
-    if bottom and rank > 0:
-        sends.append((x.narrow(dim, 0, bottom).contiguous(), rank - 1))
-    _p2p(sends, recvs, group)
-    # step 2: attach.
-    parts = [t for t in (top_buf, x, bottom_buf) if t is not None]
-    return torch.cat(parts, dim) if len(parts) > 1 else x
+    if not top and not bottom:
+        return x
+    return _halo_pad(x, group, dim, top, bottom)
 
 
 def _halo_return(grad: torch.Tensor, group, dim: int, top: int, bottom: int) -> torch.Tensor:
@@ -275,6 +357,40 @@ class _HaloExchange(torch.autograd.Function):
         return _halo_return(grad, ctx.group, ctx.dim, ctx.top, ctx.bottom), None, None, None, None
 
 
+class _HaloPad(torch.autograd.Function):
+    """forward: [zeros, prefix, x] along cat_dim with neighbours' rows attached along dim; backward: return halo
+    gradients to their owners (those of already-known prefix halo rows to where those rows came from), then split
+    the rest between prefix and x."""
+
+    @staticmethod
+    def forward(ctx, x, prefix, prefix_above, prefix_below, group, dim, top, bottom, cat_dim, zero_front):
+        ctx.group, ctx.dim, ctx.top, ctx.bottom, ctx.cat_dim = group, dim, top, bottom, cat_dim
+        ctx.zero_front, ctx.rows = zero_front, x.size(dim)
+        ctx.split = [0 if prefix is None else prefix.size(cat_dim), x.size(cat_dim)]
+        known = prefix is not None and (prefix_above is not None or prefix_below is not None)
+        ctx.known = known
+        halo = (prefix_above, prefix_below) if known else None
+        return _halo_pad(x, group, dim, top, bottom, prefix, cat_dim, zero_front, halo)
+
+    @staticmethod
+    def backward(ctx, grad):
+        n_prefix, n_x = ctx.split
+        dim, top, rows, bottom = ctx.dim, ctx.top, ctx.rows, ctx.bottom
+        body = grad.narrow(ctx.cat_dim, ctx.zero_front, n_prefix + n_x)
+        g_above = g_below = None
+        if ctx.known:
+            done = body.narrow(ctx.cat_dim, 0, n_prefix)
+            g_prefix = done.narrow(dim, top, rows)
+            g_above = done.narrow(dim, 0, top) if top else None
+            g_below = done.narrow(dim, top + rows, bottom) if bottom else None
+            g_x = _halo_return(body.narrow(ctx.cat_dim, n_prefix, n_x), ctx.group, dim, top, bottom)
+        else:
+            mine = _halo_return(body, ctx.group, dim, top, bottom)
+            g_prefix = mine.narrow(ctx.cat_dim, 0, n_prefix) if n_prefix else None
+            g_x = mine.narrow(ctx.cat_dim, n_prefix, n_x)
+        return g_x, g_prefix, g_above, g_below, None, None, None, None, None, None
+
+
 class _ScatterToSpatialRegion(torch.autograd.Function):
     """forward: keep my rows of a replicated tensor; backward: all-gather the row gradients."""
 
@@ -317,6 +433,40 @@ def halo_exchange(x: torch.Tensor, group=None, dim: int = -2, top: int = 1, bott
     if group_size(group) == 1:
         return torch.cat([x.new_zeros(_rows_shape(x, dim, top)), x, x.new_zeros(_rows_shape(x, dim, bottom))], dim)
     return _HaloExchange.apply(x, group, dim, top, bottom)
+
+
+def halo_pad(
+    x: torch.Tensor,
+    group=None,
+    dim: int = -2,
+    top: int = 1,
+    bottom: int = 1,
+    prefix: Optional[torch.Tensor] = None,
+    cat_dim: int = 2,
+    zero_front: int = 0,
+    prefix_halo: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+) -> torch.Tensor:
+    """forward: one tensor holding ``zero_front`` zero slices, ``prefix`` and ``x`` along ``cat_dim``, with ``top``
+    rows from the rank above and ``bottom`` from the rank below along ``dim`` (zeros at the global edges);
+    backward: send the halo gradients back (the owner adds them to its edge rows) and split the rest between
+    ``prefix`` and ``x``.
+
+    Equal to ``halo_exchange(F.pad(torch.cat([prefix, x], cat_dim), <zero_front before along cat_dim>), ...)``
+    with one copy instead of three. ``prefix_halo`` = (the ``top`` rows above, the ``bottom`` rows below) of
+    ``prefix``, when they are already known (received with an earlier exchange): then only ``x``'s rows travel,
+    and every rank of the group must pass it at the same call.
+    """
+    dim, cat_dim = dim % x.dim(), cat_dim % x.dim()
+    if dim == cat_dim:
+        raise ValueError("halo_pad needs different dims for the halo and the concatenation")
+    if group_size(group) == 1:
+        parts = [x.new_zeros(_rows_shape(x, cat_dim, zero_front))] if zero_front else []
+        parts += [p for p in (prefix, x) if p is not None]
+        body = torch.cat(parts, cat_dim) if len(parts) > 1 else x
+        pad = [0, 0] * (x.dim() - 1 - dim) + [top, bottom]
+        return F.pad(body, pad)
+    above, below = prefix_halo if prefix_halo is not None and prefix is not None else (None, None)
+    return _HaloPad.apply(x, prefix, above, below, group, dim, top, bottom, cat_dim, zero_front)
 
 
 def scatter_rows(
