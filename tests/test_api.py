@@ -199,3 +199,18 @@ def test_group_of_one_inside_a_world_is_the_plain_model():
     ref = make_model("wan2.1", torch.float64)
     for z, out in res:
         assert torch.equal(out, ref.decode(z).sample)
+
+
+def test_layout_configs_carry_matching_latent_statistics():
+    """Every layout and width has one latent mean/std per latent channel (pipelines normalize with them)."""
+    import inspect
+
+    from parallel_vae.models import wan_config
+
+    defaults = inspect.signature(AutoencoderKLWan.__init__).parameters  # diffusers' own (Wan2.1, 16 channels)
+    for layout in ("wan2.1", "wan2.2"):
+        for z in (None, 4):
+            cfg = wan_config(layout, z_dim=z)
+            mean = cfg.get("latents_mean", defaults["latents_mean"].default)
+            std = cfg.get("latents_std", defaults["latents_std"].default)
+            assert len(mean) == len(std) == cfg["z_dim"], (layout, z)
