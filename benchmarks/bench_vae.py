@@ -362,16 +362,9 @@ def _launch(job: Job, timeout: float) -> list[dict]:
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="bench_vae_") as tmpdir:
         procs = [ctx.Process(target=_rank_main, args=(r, job.world, job, tmpdir)) for r in range(job.world)]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + timeout
-        for p in procs:
-            p.join(max(0.1, deadline - time.monotonic()))
-        hung = [r for r, p in enumerate(procs) if p.is_alive()]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
+        from parallel_vae._spawn import run_with_deadline
+
+        hung = run_with_deadline(procs, timeout)
         if hung:
             raise TimeoutError(f"{job.impl} {job.op} N={job.world}: ranks {hung} did not finish in {timeout:.0f}s")
         results = []

@@ -15,6 +15,8 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from parallel_vae._spawn import run_with_deadline
+
 
 @dataclass
 class RankResult:
@@ -63,16 +65,7 @@ def run_ranks(fn: Callable, world: int, *args, timeout: float = 240, threads: in
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmpdir:
         procs = [ctx.Process(target=_entry, args=(fn, r, world, tmpdir, args, threads)) for r in range(world)]
-        for p in procs:
-            p.start()
-        deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
-        for p in procs:
-            p.join(max(0.1, (deadline - datetime.datetime.now()).total_seconds()))
-        hung = [r for r, p in enumerate(procs) if p.is_alive()]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
+        hung = run_with_deadline(procs, timeout)
         if hung:
             raise TimeoutError(f"ranks {hung} of {world} did not finish within {timeout}s (hang)")
         results = []
