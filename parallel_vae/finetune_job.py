@@ -10,6 +10,7 @@ DeepSpeed ZeRO-2).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -62,8 +63,8 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
     m.add_argument(
         "--seeded",
         metavar="LAYOUT:BASE_DIM:Z_DIM",
-        help="start from a freshly initialized, seeded model of the real layout at this width, e.g. wan2.1:12:8 "
-        "(how the embedded default checkpoint was trained)",
+        help="start from a freshly initialized, seeded model of the real layout at this width, e.g. wan2.1:12:16 "
+        "(how the default-checkpoint attempt in README was trained)",
     )
     m.add_argument(
         "--dtype",
@@ -125,10 +126,23 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
     o.add_argument("--lr", type=float, default=1e-4, help="learning rate (default: %(default)s)")
     o.add_argument("--weight_decay", type=float, default=0.0, help="weight decay (default: %(default)s)")
     o.add_argument("--warmup_steps", type=int, default=0, help="linear learning-rate warm-up steps (default: %(default)s)")
+    o.add_argument(
+        "--lr_scheduler",
+        default="constant",
+        choices=["constant", "cosine", "linear"],
+        help="learning rate after the warm-up: constant, or decaying to 0 at --max_steps along a half cosine or a "
+        "line; the decay is laid out over --max_steps, so resume with the same --max_steps (default: %(default)s)",
+    )
     o.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping, 0 = off (default: %(default)s)")
     o.add_argument("--l1", type=float, default=1.0, help="weight of the mean L1 reconstruction loss (default: %(default)s)")
     o.add_argument("--mse", type=float, default=0.0, help="weight of the mean squared reconstruction loss (default: %(default)s)")
-    o.add_argument("--kl", type=float, default=1e-6, help="weight of the per-sample KL term (default: %(default)s)")
+    o.add_argument(
+        "--kl",
+        type=float,
+        default=1e-6,
+        help="weight of the KL term, normalized like the reconstruction terms (per pixel element), so 1e-6 means "
+        "what it means in latent-diffusion VAE training; the logged 'kl' is per sample (default: %(default)s)",
+    )
     o.add_argument(
         "--sample_posterior",
         action="store_true",
@@ -209,8 +223,22 @@ def _stack(dataset, indices, epoch: int, device, dtype) -> torch.Tensor:
     return torch.stack([dataset.clip(i, epoch) for i in indices]).to(device=device, dtype=dtype)
 
 
-def _lr_lambda(warmup: int):
-    return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
+    """The learning-rate multiplier for optimizer step ``step`` (0-based): a linear warm-up over ``warmup`` steps,
+    then constant or a cosine / linear decay that reaches 0 after ``total`` steps. One call per optimizer step: the
+    recipe builds its Accelerator with ``step_scheduler_with_optimizer=False``, because accelerate otherwise steps a
+    prepared scheduler once per *process* per step (its data loader convention), which would finish a warm-up of
+    ``warmup`` steps after ``warmup / world_size`` steps and make the schedule depend on the launch."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return 1.0 - progress
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}")
 
 
 def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
@@ -261,7 +289,10 @@ def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
         optimizer = torch.optim.SGD(params, lr=args.lr, weight_decay=args.weight_decay)
     else:
         optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(args.warmup_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        functools.partial(lr_factor, warmup=args.warmup_steps, total=args.max_steps, schedule=args.lr_scheduler),
+    )
     if acc.state.deepspeed_plugin is not None:
         # DeepSpeed wants the micro-batch size and cannot read it from a DataLoader here (we index the dataset).
         ds_config = acc.state.deepspeed_plugin.deepspeed_config
@@ -310,7 +341,6 @@ def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
             x_local,
             moments.to(dtype),
             numel=numel,
-            batch=args.batch_size,
             group=layout.spatial_group,
             l1=args.l1,
             mse=args.mse,
@@ -319,6 +349,7 @@ def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
         acc.backward(loss)
         if args.max_grad_norm > 0 and acc.state.deepspeed_plugin is None:
             acc.clip_grad_norm_(params, args.max_grad_norm)
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step used
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -329,9 +360,9 @@ def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
         if rt.distributed:
             dist.all_reduce(sums)
         l1_mean, mse_mean = (sums[:2] / (numel * layout.dp_degree)).tolist()
-        kl_mean = (sums[2] / (args.batch_size * layout.dp_degree)).item()
-        total = args.l1 * l1_mean + args.mse * mse_mean + args.kl * kl_mean
-        record = {"step": step + 1, "loss": total, "l1": l1_mean, "mse": mse_mean, "kl": kl_mean, "step_seconds": step_times[-1]}
+        kl_mean = (sums[2] / (args.batch_size * layout.dp_degree)).item()  # per sample
+        total = args.l1 * l1_mean + args.mse * mse_mean + args.kl * (sums[2] / (numel * layout.dp_degree)).item()
+        record = {"step": step + 1, "loss": total, "l1": l1_mean, "mse": mse_mean, "kl": kl_mean, "lr": lr, "step_seconds": step_times[-1]}
         history.append(record)
         if progress is not None:
             progress.update(1)
@@ -404,6 +435,12 @@ def _validate(rt: Runtime, layout, vae, val_data, step: int, args, dtype, step_t
         "memory_kind": peak_memory_bytes(rt.device)["kind"],
         "step_seconds_per_rank": times,
     }
+    if rt.is_main:  # one line per validation in the console log (tqdm's bar only shows the training loss)
+        print(
+            f"validation at step {step}: PSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.4f} "
+            f"({result['clips']} clips, {result['validation_seconds']:.1f} s)",
+            flush=True,
+        )
     if rt.trackers_started:
         log = {"val/psnr": result["psnr"], "val/ssim": result["ssim"], "val/seconds": result["validation_seconds"]}
         log |= {f"memory/peak_bytes_rank{r}": b for r, b in enumerate(mem)}

@@ -42,8 +42,13 @@ def main(argv=None) -> int:
 
 
 def accelerator_kwargs(args) -> dict:
-    # --mixed_precision overrides the launch config's setting; unset leaves accelerate's own choice.
-    return {"mixed_precision": args.mixed_precision} if args.mixed_precision else {}
+    # The learning-rate schedule counts optimizer steps: one scheduler step per optimizer step on every launch
+    # (see parallel_vae.finetune_job.lr_factor). --mixed_precision overrides the launch config's setting; unset
+    # leaves accelerate's own choice.
+    kwargs = {"step_scheduler_with_optimizer": False}
+    if args.mixed_precision:
+        kwargs["mixed_precision"] = args.mixed_precision
+    return kwargs
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import torch
 from diffusers import AutoencoderKLWan
 
 from parallel_vae.data import make_dataset
+from parallel_vae.finetune_job import lr_factor
 from parallel_vae.metrics import psnr
 from parallel_vae.models import build_wan_vae
 from tests.launch import accelerate_launch, check_ok, python_run
@@ -25,8 +26,13 @@ SMALL = ["--seeded", "wan2.1:8:4", "--frames", "5", "--height", "32", "--width",
 # step is ~sign(gradient) and would hide it). Posterior sampling, KL, L1 + MSE and clipping all take part.
 EXACT = SMALL + [
     "--dtype", "float64", "--optimizer", "sgd", "--lr", "0.5", "--max_steps", "1", "--validate_every", "0",
-    "--sample_posterior", "--l1", "1", "--mse", "0.5", "--kl", "0.01", "--data", "synthetic:8",
+    "--sample_posterior", "--l1", "1", "--mse", "0.5", "--kl", "153.6", "--data", "synthetic:8",
 ]  # fmt: skip
+# --kl 153.6 on the per-pixel-element KL (3*5*32*32 = 15360 elements per clip) is the per-sample weight 0.01 these
+# tests used before the KL normalization changed: the same loss, so the DeepSpeed bars below (set by DeepSpeed's
+# fp32 gradient reduction) apply unchanged. With a weaker KL (--kl 50), ZeRO-2 missed the per-parameter bar on one
+# norm gain (2.9e-4 on encoder.down_blocks.1.norm1.gamma, L2 still 8e-7). Its update is small, and an fp32 sum's
+# rounding scales with the summands, not with the sum.
 
 
 def _weights(folder: str) -> dict:
@@ -112,8 +118,9 @@ def test_one_step_equals_single_process_deepspeed_zero2(reference_dir, tmp_path,
 
 # A short real run (DDP, S=2) with validation, checkpoints every 3 steps and wandb offline; and the same run cut
 # after 3 steps and resumed. Every step sees the same 2 clips, so the loss is comparable from step to step.
+# A 2-step warm-up: the logged rates show the schedule advancing once per optimizer step on 2 processes.
 TRAIN = SMALL + [
-    "--dtype", "float64", "--lr", "3e-3", "--max_steps", "6", "--validate_every", "3", "--checkpoint_every", "3",
+    "--dtype", "float64", "--lr", "3e-3", "--warmup_steps", "2", "--max_steps", "6", "--validate_every", "3", "--checkpoint_every", "3",
     "--data", "synthetic:2", "--batch_size", "2",
 ]  # fmt: skip
 
@@ -137,6 +144,7 @@ def test_training_reduces_loss_and_logs_validation(full_run):
     losses = [h["loss"] for h in s["history"]]
     assert len(losses) == 6 and all(map(torch.isfinite, torch.tensor(losses)))
     assert losses[-1] < losses[2] < losses[0], losses
+    assert [h["lr"] for h in s["history"]] == [3e-3 * lr_factor(k, warmup=2, total=6, schedule="constant") for k in range(6)]
     assert [v["step"] for v in s["validation"]] == [3, 6]
     for v in s["validation"]:
         assert 0 < v["psnr"] < 100 and -1 <= v["ssim"] <= 1 and v["clips"] == 2
@@ -146,6 +154,17 @@ def test_training_reduces_loss_and_logs_validation(full_run):
     runs = glob.glob(str(full_run / "wandb" / "offline-run-*"))
     assert runs, "no offline wandb run folder"
     assert sorted(os.listdir(full_run / "checkpoints")) == ["step_000003", "step_000006"]
+
+
+def test_lr_schedules():
+    f = functools.partial(lr_factor, warmup=4, total=14)
+    assert [f(k, schedule="constant") for k in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert [f(k, schedule="linear") for k in (3, 4, 9, 14, 20)] == [1.0, 1.0, 0.5, 0.0, 0.0]
+    cos = [f(k, schedule="cosine") for k in range(4, 15)]
+    assert cos[0] == 1.0 and abs(cos[5] - 0.5) < 1e-12 and cos[-1] == 0.0
+    assert all(a > b for a, b in zip(cos, cos[1:]))
+    with pytest.raises(ValueError, match="schedule"):
+        f(5, schedule="step")
 
 
 @pytest.mark.timeout(600)
