@@ -223,12 +223,25 @@ def _stack(dataset, indices, epoch: int, device, dtype) -> torch.Tensor:
     return torch.stack([dataset.clip(i, epoch) for i in indices]).to(device=device, dtype=dtype)
 
 
+def accelerator_kwargs(args: argparse.Namespace) -> dict:
+    """The Accelerator settings :func:`run_finetune` relies on (``run_recipe(..., accelerator_kwargs=...)``).
+
+    The learning-rate schedule counts optimizer steps, so the scheduler steps once per optimizer step on any launch
+    (see :func:`lr_factor`). ``--mixed_precision`` overrides the launch config's setting; unset leaves accelerate's
+    own choice."""
+    kwargs = {"step_scheduler_with_optimizer": False}
+    if args.mixed_precision:
+        kwargs["mixed_precision"] = args.mixed_precision
+    return kwargs
+
+
 def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
     """The learning-rate multiplier for optimizer step ``step`` (0-based): a linear warm-up over ``warmup`` steps,
     then constant or a cosine / linear decay that reaches 0 after ``total`` steps. One call per optimizer step: the
-    recipe builds its Accelerator with ``step_scheduler_with_optimizer=False``, because accelerate otherwise steps a
-    prepared scheduler once per *process* per step (its data loader convention), which would finish a warm-up of
-    ``warmup`` steps after ``warmup / world_size`` steps and make the schedule depend on the launch."""
+    recipe builds its Accelerator with :func:`accelerator_kwargs` (``step_scheduler_with_optimizer=False``).
+    Otherwise accelerate steps a prepared scheduler once per *process* per step (its data loader convention), which
+    would finish a warm-up of ``warmup`` steps after ``warmup / world_size`` steps and make the schedule depend on
+    the launch."""
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":

@@ -24,7 +24,7 @@ try:
 except ImportError:  # run from a checkout without installing: the package sits next to recipes/
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from parallel_vae.finetune_job import add_finetune_args, run_finetune
+from parallel_vae.finetune_job import accelerator_kwargs, add_finetune_args, run_finetune
 from parallel_vae.runtime import ArgumentParser, add_runtime_args, run_recipe
 
 
@@ -39,16 +39,6 @@ def build_parser() -> ArgumentParser:
 
 def main(argv=None) -> int:
     return run_recipe(build_parser(), run_finetune, argv, accelerator_kwargs=accelerator_kwargs)
-
-
-def accelerator_kwargs(args) -> dict:
-    # The learning-rate schedule counts optimizer steps: one scheduler step per optimizer step on every launch
-    # (see parallel_vae.finetune_job.lr_factor). --mixed_precision overrides the launch config's setting; unset
-    # leaves accelerate's own choice.
-    kwargs = {"step_scheduler_with_optimizer": False}
-    if args.mixed_precision:
-        kwargs["mixed_precision"] = args.mixed_precision
-    return kwargs
 
 
 if __name__ == "__main__":
