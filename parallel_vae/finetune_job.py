@@ -28,7 +28,7 @@ from .checkpointing import enable_gradient_checkpointing
 from .errors import InputError
 from .loading import load_vae
 from .metrics import peak_memory_bytes, psnr, ssim
-from .models import build_wan_vae
+from .models import build_wan_vae, inflate_temporal
 from .pipeline import decode_video, encode_video
 from .runtime import Runtime, UsageError, start_tracking
 from .sharding import ShardingError
@@ -65,6 +65,19 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
         metavar="LAYOUT:BASE_DIM:Z_DIM",
         help="start from a freshly initialized, seeded model of the real layout at this width, e.g. wan2.1:12:16 "
         "(how the default-checkpoint attempt in README was trained)",
+    )
+    m.add_argument(
+        "--seeded_init",
+        default="pytorch",
+        choices=["pytorch", "zero_residual"],
+        help="initialization of a --seeded model: the modules' own, or zero biases and identity residual blocks, "
+        "which trains from scratch (see parallel_vae.models.build_wan_vae) (default: %(default)s)",
+    )
+    m.add_argument(
+        "--inflate",
+        action="store_true",
+        help="before training, make the starting model's temporal layers per-frame (parallel_vae.models."
+        "inflate_temporal): the step from a model trained on --frames 1 to video training",
     )
     m.add_argument(
         "--dtype",
@@ -187,9 +200,17 @@ def _load_model(args, dtype: torch.dtype):
         if not m:
             raise UsageError(f"--seeded must look like wan2.1:12:8 (LAYOUT:BASE_DIM:Z_DIM), got {args.seeded!r}")
         layout, base, z = m.group(1), int(m.group(2)), int(m.group(3))
-        vae = build_wan_vae(layout, base_dim=base, z_dim=z, seed=args.seed, dtype=dtype)
-        return vae, {"kind": "seeded", "layout": layout, "base_dim": base, "z_dim": z, "seed": args.seed}
-    return load_vae(pretrained=args.pretrained, subfolder=args.subfolder, single_file=args.single_file, dtype=dtype)
+        vae = build_wan_vae(layout, base_dim=base, z_dim=z, seed=args.seed, dtype=dtype, init=args.seeded_init)
+        source = {"kind": "seeded", "layout": layout, "base_dim": base, "z_dim": z, "seed": args.seed}
+        source["init"] = args.seeded_init
+    else:
+        vae, source = load_vae(
+            pretrained=args.pretrained, subfolder=args.subfolder, single_file=args.single_file, dtype=dtype
+        )
+    if args.inflate:
+        inflate_temporal(vae)
+        source = {**source, "inflated": True}
+    return vae, source
 
 
 def _check_args(args, world: int) -> None:
@@ -295,6 +316,13 @@ def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
     if not train_encoder:
         for p in list(vae.encoder.parameters()) + list(vae.quant_conv.parameters()):
             p.requires_grad_(False)
+    if args.frames == 1:
+        # Single frames never reach the temporal resampling convolutions (Wan resamples time only from the second
+        # chunk on): freeze them, so DDP does not wait for gradients that never come and the optimizer leaves them
+        # as they are (``--inflate`` sets them when training moves on to video).
+        for m in vae.modules():
+            if isinstance(getattr(m, "time_conv", None), torch.nn.Module):
+                m.time_conv.requires_grad_(False)
     vae.train()
     module = ShardedAutoencoder(vae, train_encoder=train_encoder)
     params = [p for p in module.parameters() if p.requires_grad]

@@ -10,6 +10,12 @@ from typing import Optional
 
 import torch
 from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders.autoencoder_kl_wan import (
+    WanAttentionBlock,
+    WanCausalConv3d,
+    WanResample,
+    WanResidualBlock,
+)
 from diffusers.utils import logging as diffusers_logging
 
 # Real configs (diffusers' Wan-AI/Wan2.1-T2V-*-Diffusers and Wan2.2-TI2V-5B-Diffusers vae/config.json).
@@ -91,21 +97,89 @@ def build_wan_vae(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     perturb: float = 0.0,
+    init: str = "pytorch",
 ) -> AutoencoderKLWan:
     """A seeded ``AutoencoderKLWan`` of ``layout``; identical weights in every process for the same arguments.
 
     ``perturb`` adds seeded uniform noise of that amplitude to every parameter, so that unit norm scales and zero
     biases do not hide mistakes in tests (a gradient that only matches when gamma == 1 is not checked).
+
+    ``init``: ``"pytorch"`` keeps the modules' own initialization (what the tests use). ``"zero_residual"`` is for
+    training from scratch: every bias is zeroed and so is the last layer of every residual branch (each residual
+    block's ``conv2`` and each attention block's ``proj``), so every block starts as the identity. Measured on
+    the synthetic data (base_dim 12, 32x32x5 clips, batch 8, 400 AdamW steps): with PyTorch's init the encoder's
+    output barely depends on its input (its spread across clips is 0.01-0.1 of its spread over positions, mostly
+    bias and border patterns) and the decoder learns the dataset's mean colour and stays there; with this init
+    the latents differ between clips within 100 steps and held-out PSNR is 15.8 dB instead of 14.4 dB.
     """
+    if init not in ("pytorch", "zero_residual"):
+        raise ValueError(f"init must be 'pytorch' or 'zero_residual', got {init!r}")
     cfg = wan_config(layout, base_dim=base_dim, z_dim=z_dim)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vae = AutoencoderKLWan(**cfg)
+        if init == "zero_residual":
+            _zero_residual_init(vae)
         if perturb:
             with torch.no_grad():
                 for p in vae.parameters():
                     p.add_(torch.rand_like(p).sub_(0.5).mul_(2 * perturb))
     return cast_quietly(vae, dtype).eval()
+
+
+def _zero_residual_init(vae: AutoencoderKLWan) -> None:
+    with torch.no_grad():
+        for name, param in vae.named_parameters():
+            if name.endswith("bias"):
+                param.zero_()
+        for module in vae.modules():
+            if isinstance(module, WanResidualBlock):
+                module.conv2.weight.zero_()
+            elif isinstance(module, WanAttentionBlock):
+                module.proj.weight.zero_()
+
+
+@torch.no_grad()
+def inflate_temporal(vae: AutoencoderKLWan) -> AutoencoderKLWan:
+    """Turn a VAE trained on single frames into the per-frame starting point of video training, in place.
+
+    Wan's VAE was made this way (a 2D image VAE of the same structure, inflated to causal 3D): single frames are
+    cheap to train on (one frame through the full-resolution layers instead of five or nine), but they train only
+    the present-frame tap of each causal convolution (the past taps only ever see the causal zero padding) and
+    never the temporal resampling convolutions. After this call:
+
+    * every ``WanCausalConv3d`` with a temporal kernel keeps only its last (present-frame) tap; the past taps are 0;
+    * every encoder ``downsample3d`` time convolution passes the latest frame of each pair through (identity on the
+      last tap, zero bias), so latent frame ``k >= 1`` encodes frame ``4k``;
+    * every decoder ``upsample3d`` time convolution writes its input to both output frames (identity into each half
+      of its ``2 * C`` outputs), so frame ``4k`` is repeated over its chunk.
+
+    The result reconstructs every frame of a clip as well as the single-frame model does on the frame it keeps,
+    and video training then learns the temporal taps from there (checked exactly in tests). Returns ``vae``.
+
+    Wan2.1 layouts only: Wan2.2's residual resampling (``is_residual``) adds parameter-free shortcuts that average
+    and repeat frames in time, so no weight setting makes that model per-frame; it raises ``ValueError``.
+    """
+    if getattr(vae.config, "is_residual", False):
+        raise ValueError("inflate_temporal needs a Wan2.1 layout (is_residual=False): Wan2.2's parameter-free "
+                         "temporal shortcuts cannot be made per-frame")
+    time_convs = {id(m.time_conv) for m in vae.modules() if isinstance(m, WanResample) and hasattr(m, "time_conv")}
+    for module in vae.modules():
+        if not isinstance(module, WanCausalConv3d) or module.weight.shape[2] == 1 or id(module) in time_convs:
+            continue
+        module.weight[:, :, :-1].zero_()
+    for module in vae.modules():
+        if not (isinstance(module, WanResample) and hasattr(module, "time_conv")):
+            continue
+        conv = module.time_conv
+        out_ch, in_ch = conv.weight.shape[:2]
+        eye = torch.eye(in_ch, dtype=conv.weight.dtype, device=conv.weight.device)
+        conv.weight.zero_()
+        for half in range(out_ch // in_ch):
+            conv.weight[half * in_ch : (half + 1) * in_ch, :, -1, 0, 0] = eye
+        if conv.bias is not None:
+            conv.bias.zero_()
+    return vae
 
 
 def cast_quietly(vae: AutoencoderKLWan, dtype: torch.dtype) -> AutoencoderKLWan:

@@ -236,3 +236,32 @@ def test_bad_input_one_clear_error_on_every_rank(tmp_path, args, message):
     assert message in err, err[-4000:]
     assert 'File "' + str(Path(__file__).resolve().parents[1] / "parallel_vae") not in err, "a traceback from our code"
     assert not (tmp_path / "o" / "final").exists()
+
+
+@pytest.mark.timeout(600)
+def test_single_frame_training_then_inflated_video_training(tmp_path):
+    """The two stages the embedded checkpoint was trained with. Stage 1 trains on single frames over DDP: the
+    temporal resampling convolutions get no gradient then (DDP used to stop with 'parameters that were not used in
+    producing loss'), so the recipe freezes them. Stage 2 starts from that export with --inflate, on video."""
+    common = ["--height", "32", "--width", "32", "--val_data", "synthetic:2", "--validate_every", "0", "--lr", "1e-2"]
+    one = tmp_path / "frames1"
+    stage1 = ["--seeded", "wan2.1:8:4", "--seeded_init", "zero_residual", "--frames", "1", "--sp_degree", "1", "--data", "synthetic:4",
+              "--max_steps", "2", "--output_dir", str(one)] + common  # fmt: skip
+    check_ok(accelerate_launch(RECIPE, stage1, tmp_path, timeout=540))
+    init = build_wan_vae("wan2.1", base_dim=8, z_dim=4, seed=0, init="zero_residual").state_dict()
+    got = AutoencoderKLWan.from_pretrained(str(one / "final")).state_dict()
+    time_keys = [k for k in init if ".time_conv." in k]
+    assert len(time_keys) == 8  # 2 downsample3d + 2 upsample3d, weight and bias
+    assert all(torch.equal(init[k], got[k]) for k in time_keys)
+    assert not torch.equal(init["decoder.conv_out.weight"], got["decoder.conv_out.weight"])
+    assert _summary(one)["model_source"]["init"] == "zero_residual"
+
+    video = tmp_path / "frames5"
+    stage2 = ["--pretrained", str(one / "final"), "--inflate", "--frames", "5", "--data", "synthetic:2",
+              "--max_steps", "1", "--output_dir", str(video)] + common  # fmt: skip
+    check_ok(python_run(RECIPE, stage2, tmp_path))
+    assert _summary(video)["model_source"]["inflated"] is True
+    final = AutoencoderKLWan.from_pretrained(str(video / "final")).state_dict()
+    # trained from the inflated start: the temporal convolutions now learn (they were frozen in stage 1)
+    assert not torch.equal(final["decoder.up_blocks.0.upsamplers.0.time_conv.weight"],
+                           got["decoder.up_blocks.0.upsamplers.0.time_conv.weight"])  # fmt: skip
