@@ -64,7 +64,7 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
         "--seeded",
         metavar="LAYOUT:BASE_DIM:Z_DIM",
         help="start from a freshly initialized, seeded model of the real layout at this width, e.g. wan2.1:12:16 "
-        "(how the default-checkpoint attempt in README was trained)",
+        "(the embedded default checkpoint was trained from wan2.1:12:16 with --seeded_init zero_residual)",
     )
     m.add_argument(
         "--seeded_init",
@@ -208,7 +208,10 @@ def _load_model(args, dtype: torch.dtype):
             pretrained=args.pretrained, subfolder=args.subfolder, single_file=args.single_file, dtype=dtype
         )
     if args.inflate:
-        inflate_temporal(vae)
+        try:
+            inflate_temporal(vae)
+        except ValueError as e:
+            raise InputError(f"--inflate: {e}") from e
         source = {**source, "inflated": True}
     return vae, source
 
@@ -225,6 +228,8 @@ def _check_args(args, world: int) -> None:
     for name in ("max_steps", "batch_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be positive")
+    if args.seeded_init != "pytorch" and not args.seeded:
+        raise UsageError("--seeded_init applies to a --seeded model only (a loaded model keeps its weights)")
     if args.resume and args.resume != "latest" and not os.path.isdir(args.resume):
         raise InputError(f"--resume {args.resume}: no such checkpoint folder")
 

@@ -25,6 +25,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -122,12 +123,22 @@ def default_vae(
     dtype: torch.dtype = torch.float32, default_dir: os.PathLike | str = DEFAULT_VAE_DIR
 ) -> tuple[AutoencoderKLWan, dict]:
     """The built-in model, in eval mode: the checkpoint in ``default_dir`` if it exists, else the seeded
-    Wan2.1-layout model (:data:`DEFAULT_SEEDED`)."""
+    Wan2.1-layout model (:data:`DEFAULT_SEEDED`).
+
+    The package ships that checkpoint (a small VAE the fine-tuning recipe trained on its synthetic data; README,
+    "The embedded default checkpoint"). Should the packaged folder be missing (an install without package data),
+    the untrained seeded model decodes noise-like colour, so that fallback warns."""
     default_dir = Path(default_dir)
     if default_dir.is_dir():
         vae, source = load_pretrained(str(default_dir), dtype=dtype)
         source["kind"] = "default_checkpoint"
         return vae, source
+    if default_dir.resolve() == DEFAULT_VAE_DIR.resolve():
+        warnings.warn(
+            f"the embedded default checkpoint {DEFAULT_VAE_DIR} is missing (installed without package data?); "
+            "using an untrained seeded model, whose decodes are not meaningful",
+            stacklevel=2,
+        )
     vae = build_wan_vae(
         DEFAULT_SEEDED["layout"],
         base_dim=DEFAULT_SEEDED["base_dim"],

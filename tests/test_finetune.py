@@ -221,8 +221,9 @@ def test_train_decoder_keeps_the_encoder_frozen(tmp_path):
         (["--sp_degree", "3"], "--sp_degree 3 does not divide the world size 2; use one of [1, 2]"),
         (["--height", "8"], "clips of height 8 have 1 latent rows, too few to shard over --sp_degree 2"),
         (["--data", "EMPTY"], "EMPTY"),
+        (["--seeded", "wan2.2:8:4", "--inflate"], "--inflate: inflate_temporal needs a Wan2.1 layout"),
     ],
-    ids=["sp-not-dividing", "clip-too-small", "empty-folder"],
+    ids=["sp-not-dividing", "clip-too-small", "empty-folder", "inflate-wan22"],
 )
 def test_bad_input_one_clear_error_on_every_rank(tmp_path, args, message):
     empty = tmp_path / "empty_data"
@@ -236,6 +237,14 @@ def test_bad_input_one_clear_error_on_every_rank(tmp_path, args, message):
     assert message in err, err[-4000:]
     assert 'File "' + str(Path(__file__).resolve().parents[1] / "parallel_vae") not in err, "a traceback from our code"
     assert not (tmp_path / "o" / "final").exists()
+
+
+@pytest.mark.timeout(300)
+def test_seeded_init_needs_a_seeded_model(tmp_path):
+    proc = python_run(RECIPE, ["--seeded_init", "zero_residual", "--output_dir", str(tmp_path / "o")], tmp_path)
+    assert proc.returncode != 0
+    assert proc.stderr.count("finetune.py: error:") == 1, proc.stderr[-4000:]
+    assert "--seeded_init applies to a --seeded model only" in proc.stderr, proc.stderr[-4000:]
 
 
 @pytest.mark.timeout(600)
