@@ -20,6 +20,7 @@ from .api import local_rows, sharded_decode, sharded_encode
 from .loss import sharded_loss
 
 __all__ = [
+    "latent_statistics",
     "HybridLayout",
     "hybrid_layout",
     "ShardedAutoencoder",
@@ -176,3 +177,28 @@ def batch_indices(step: int, replica: int, replicas: int, batch: int, length: in
 def sample_seeds(step: int, global_indices: list[int], seed: int) -> list[int]:
     """Posterior-noise seeds for the samples of a step, keyed on (seed, step, position in the global batch)."""
     return [((seed * 1_000_003 + step) * 1009 + i) % (2**63 - 1) for i in global_indices]
+
+
+@torch.no_grad()
+def latent_statistics(vae, clips) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation of ``vae``'s latents (posterior means) over ``clips``, an iterable of
+    (3, T, H, W) or (B, 3, T, H, W) tensors: what a Wan VAE's ``latents_mean`` / ``latents_std`` config entries
+    hold, and what pipelines use to normalize latents, ``(z - mean) / std``. Accumulated in float64.
+
+    Wan2.1's entries describe Wan2.1's released weights only. A VAE trained from scratch, or fine-tuned far enough,
+    needs its own: ``recipes/latent_stats.py`` measures them and writes them into a saved model's config.json."""
+    total, total_sq, count = None, None, 0
+    param = next(vae.parameters())
+    for clip in clips:
+        x = clip[None] if clip.dim() == 4 else clip
+        z = vae.encode(x.to(device=param.device, dtype=param.dtype)).latent_dist.mean.double()
+        per_channel = z.transpose(0, 1).reshape(z.shape[1], -1)
+        s, sq = per_channel.sum(1), per_channel.pow(2).sum(1)
+        total = s if total is None else total + s
+        total_sq = sq if total_sq is None else total_sq + sq
+        count += per_channel.shape[1]
+    if not count:
+        raise ValueError("latent_statistics needs at least one clip")
+    mean = total / count
+    std = (total_sq / count - mean.pow(2)).clamp_min(0).sqrt()
+    return mean.tolist(), std.tolist()
