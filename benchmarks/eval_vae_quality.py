@@ -22,6 +22,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from parallel_vae.data import SyntheticVideoDataset  # noqa: E402
+from parallel_vae.finetune_job import VALIDATION_SEED_OFFSET  # noqa: E402
 from parallel_vae.loading import default_vae, load_vae  # noqa: E402
 from parallel_vae.metrics import psnr, ssim, write_json  # noqa: E402
 from parallel_vae.video import demo_video  # noqa: E402
@@ -54,7 +55,7 @@ def evaluate(vae, clips) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pretrained", default=None, help="diffusers folder (default: the built-in default model)")
-    p.add_argument("--seed", type=int, default=0, help="the fine-tuning run's --seed (validation clips use seed + 7919)")
+    p.add_argument("--seed", type=int, default=0, help=f"the fine-tuning run's --seed (validation clips use seed + {VALIDATION_SEED_OFFSET})")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--output", default="outputs/eval_vae_quality.json")
     args = p.parse_args(argv)
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
     vae = vae.float().eval()
     results = []
     for name, n, t, h, w in SETS:
-        data = SyntheticVideoDataset(n, t, h, w, seed=args.seed + 7919)
+        data = SyntheticVideoDataset(n, t, h, w, seed=args.seed + VALIDATION_SEED_OFFSET)
         results.append({"set": f"{name}, {n} clips {t}x{h}x{w}", **evaluate(vae, [data.clip(i) for i in range(n)])})
     results.append({"set": "decode demo clip 17x64x96", **evaluate(vae, [demo_video()])})
     print(f"model: {source}")

@@ -28,7 +28,7 @@ from .checkpointing import enable_gradient_checkpointing
 from .errors import InputError
 from .loading import load_vae
 from .metrics import peak_memory_bytes, psnr, ssim
-from .models import build_wan_vae, inflate_temporal
+from .models import build_wan_vae, inflate_temporal, temporal_resampling_convs
 from .pipeline import decode_video, encode_video
 from .runtime import Runtime, UsageError, start_tracking
 from .sharding import ShardingError
@@ -54,6 +54,10 @@ def parse_dtype(name: str) -> torch.dtype:
         raise UsageError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
     return DTYPES[name]
 
+
+# Held-out clips are dataset items of seed ``--seed + VALIDATION_SEED_OFFSET``: never the training clips, and the
+# same in every run with that --seed (benchmarks/eval_vae_quality.py reads the same clips).
+VALIDATION_SEED_OFFSET = 7919
 
 def add_finetune_args(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("model (default: the built-in model)")
@@ -201,8 +205,8 @@ def _load_model(args, dtype: torch.dtype):
             raise UsageError(f"--seeded must look like wan2.1:12:8 (LAYOUT:BASE_DIM:Z_DIM), got {args.seeded!r}")
         layout, base, z = m.group(1), int(m.group(2)), int(m.group(3))
         vae = build_wan_vae(layout, base_dim=base, z_dim=z, seed=args.seed, dtype=dtype, init=args.seeded_init)
-        source = {"kind": "seeded", "layout": layout, "base_dim": base, "z_dim": z, "seed": args.seed}
-        source["init"] = args.seeded_init
+        source = {"kind": "seeded", "layout": layout, "base_dim": base, "z_dim": z, "seed": args.seed,
+                  "init": args.seeded_init}  # fmt: skip
     else:
         vae, source = load_vae(
             pretrained=args.pretrained, subfolder=args.subfolder, single_file=args.single_file, dtype=dtype
@@ -301,7 +305,7 @@ def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
                 f"--sp_degree {args.sp_degree}: use --height >= {args.sp_degree * factor} or a smaller --sp_degree"
             )
         train_data = _make_data(args.data, args, factor, args.seed)
-        val_data = _make_data(args.val_data, args, factor, args.seed + 7919)
+        val_data = _make_data(args.val_data, args, factor, args.seed + VALIDATION_SEED_OFFSET)
         dp = rt.world_size // args.sp_degree
         if dp * args.batch_size > len(train_data):
             raise InputError(
@@ -325,9 +329,8 @@ def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
         # Single frames never reach the temporal resampling convolutions (Wan resamples time only from the second
         # chunk on): freeze them, so DDP does not wait for gradients that never come and the optimizer leaves them
         # as they are (``--inflate`` sets them when training moves on to video).
-        for m in vae.modules():
-            if isinstance(getattr(m, "time_conv", None), torch.nn.Module):
-                m.time_conv.requires_grad_(False)
+        for conv in temporal_resampling_convs(vae):
+            conv.requires_grad_(False)
     vae.train()
     module = ShardedAutoencoder(vae, train_encoder=train_encoder)
     params = [p for p in module.parameters() if p.requires_grad]

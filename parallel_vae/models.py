@@ -139,6 +139,12 @@ def _zero_residual_init(vae: AutoencoderKLWan) -> None:
                 module.proj.weight.zero_()
 
 
+def temporal_resampling_convs(vae: AutoencoderKLWan) -> list:
+    """The ``time_conv`` of every ``downsample3d`` / ``upsample3d`` resampler: the convolutions that only run from a
+    clip's second temporal chunk on, so single frames never reach them."""
+    return [m.time_conv for m in vae.modules() if isinstance(m, WanResample) and hasattr(m, "time_conv")]
+
+
 @torch.no_grad()
 def inflate_temporal(vae: AutoencoderKLWan) -> AutoencoderKLWan:
     """Turn a VAE trained on single frames into the per-frame starting point of video training, in place.
@@ -163,15 +169,12 @@ def inflate_temporal(vae: AutoencoderKLWan) -> AutoencoderKLWan:
     if getattr(vae.config, "is_residual", False):
         raise ValueError("inflate_temporal needs a Wan2.1 layout (is_residual=False): Wan2.2's parameter-free "
                          "temporal shortcuts cannot be made per-frame")
-    time_convs = {id(m.time_conv) for m in vae.modules() if isinstance(m, WanResample) and hasattr(m, "time_conv")}
+    time_convs = temporal_resampling_convs(vae)
+    skip = {id(conv) for conv in time_convs}
     for module in vae.modules():
-        if not isinstance(module, WanCausalConv3d) or module.weight.shape[2] == 1 or id(module) in time_convs:
-            continue
-        module.weight[:, :, :-1].zero_()
-    for module in vae.modules():
-        if not (isinstance(module, WanResample) and hasattr(module, "time_conv")):
-            continue
-        conv = module.time_conv
+        if isinstance(module, WanCausalConv3d) and module.weight.shape[2] > 1 and id(module) not in skip:
+            module.weight[:, :, :-1].zero_()
+    for conv in time_convs:
         out_ch, in_ch = conv.weight.shape[:2]
         eye = torch.eye(in_ch, dtype=conv.weight.dtype, device=conv.weight.device)
         conv.weight.zero_()

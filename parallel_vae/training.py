@@ -20,7 +20,6 @@ from .api import local_rows, sharded_decode, sharded_encode
 from .loss import sharded_loss
 
 __all__ = [
-    "latent_statistics",
     "HybridLayout",
     "hybrid_layout",
     "ShardedAutoencoder",
@@ -28,6 +27,7 @@ __all__ = [
     "posterior_noise",
     "batch_indices",
     "sample_seeds",
+    "latent_statistics",
 ]
 
 
