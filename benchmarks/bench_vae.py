@@ -199,7 +199,7 @@ class Job:
 
 
 def _model(job: Job, device: torch.device):
-    from parallel_vae.models import build_wan_vae
+    from parallel_vae.jobs.models import build_wan_vae
 
     vae = build_wan_vae(job.layout, base_dim=job.base_dim, z_dim=job.z_dim, seed=job.seed, dtype=_DTYPES[job.dtype])
     return vae.to(device).eval()
@@ -244,8 +244,8 @@ def _rank_main(rank: int, world: int, job: Job, tmpdir: str) -> None:
 
 def _rank_body(rank: int, world: int, job: Job, tmpdir: str) -> dict:
     import parallel_vae as pv
-    from parallel_vae.comm import count_traffic
-    from parallel_vae.sharding import row_offsets, row_split
+    from parallel_vae.core.comm import count_traffic
+    from parallel_vae.core.sharding import row_offsets, row_split
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.set_num_threads(job.threads)
@@ -362,7 +362,7 @@ def _launch(job: Job, timeout: float) -> list[dict]:
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="bench_vae_") as tmpdir:
         procs = [ctx.Process(target=_rank_main, args=(r, job.world, job, tmpdir)) for r in range(job.world)]
-        from parallel_vae._spawn import run_with_deadline
+        from parallel_vae.jobs._spawn import run_with_deadline
 
         hung = run_with_deadline(procs, timeout)
         if hung:
@@ -409,7 +409,7 @@ def _simulated_group(world: int, rank: int):
     all-gathers fill the output with copies of this rank's shard (every rank as large as this one). Every
     exchange is still counted by ``count_traffic``.
     """
-    from parallel_vae import comm
+    from parallel_vae.core import comm
 
     def group_size(group):
         return world
@@ -454,10 +454,10 @@ def _projection_main(job: Job, worlds: list[int], out_path: str) -> None:
 
 def _projection_body(job: Job, worlds: list[int]) -> dict:
     import parallel_vae as pv
-    from parallel_vae.comm import count_traffic
-    from parallel_vae.layers import SpatialState
-    from parallel_vae.sharding import row_split
-    from parallel_vae.wan import apply_plan, plan_for, remove_plan
+    from parallel_vae.core.comm import count_traffic
+    from parallel_vae.core.layers import SpatialState
+    from parallel_vae.core.sharding import row_split
+    from parallel_vae.families.wan import apply_plan, plan_for, remove_plan
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.set_num_threads(job.threads)

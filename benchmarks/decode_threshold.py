@@ -31,9 +31,9 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import parallel_vae as pv  # noqa: E402
-from parallel_vae.loading import default_vae  # noqa: E402
-from parallel_vae.metrics import write_json  # noqa: E402
-from parallel_vae.runtime import start_runtime  # noqa: E402
+from parallel_vae.jobs.loading import default_vae  # noqa: E402
+from parallel_vae.jobs.metrics import write_json  # noqa: E402
+from parallel_vae.jobs.runtime import start_runtime  # noqa: E402
 
 # (latent frames, rows, cols): from a couple of latent pixels to a 17-frame 128x128 clip.
 SIZES = [(1, 2, 2), (1, 2, 4), (1, 4, 4), (2, 4, 4), (2, 4, 8), (2, 8, 8), (3, 8, 8), (5, 8, 8), (5, 8, 12), (5, 16, 16)]

@@ -21,11 +21,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from parallel_vae.data import SyntheticVideoDataset  # noqa: E402
-from parallel_vae.finetune_job import VALIDATION_SEED_OFFSET  # noqa: E402
-from parallel_vae.loading import default_vae, load_vae  # noqa: E402
-from parallel_vae.metrics import psnr, ssim, write_json  # noqa: E402
-from parallel_vae.video import demo_video  # noqa: E402
+from parallel_vae.jobs.data import SyntheticVideoDataset  # noqa: E402
+from parallel_vae.jobs.finetune_job import VALIDATION_SEED_OFFSET  # noqa: E402
+from parallel_vae.jobs.loading import default_vae, load_vae  # noqa: E402
+from parallel_vae.jobs.metrics import psnr, ssim, write_json  # noqa: E402
+from parallel_vae.jobs.video import demo_video  # noqa: E402
 
 SETS = [("held-out synthetic", 8, 5, 64, 64), ("held-out synthetic", 8, 9, 64, 64), ("held-out synthetic", 8, 17, 64, 96)]
 

@@ -10,7 +10,7 @@ Public API (see README.md):
 * communication primitives (autograd Functions): :func:`halo_exchange`, :func:`scatter_rows`, :func:`gather_rows`.
 """
 
-from . import metrics
+from .jobs import metrics
 from .api import (
     disable_spatial_parallelism,
     enable_spatial_parallelism,
@@ -26,10 +26,10 @@ from .api import (
 )
 from .pipeline import decode_video, encode_video
 from .checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing
-from .comm import gather_rows, halo_exchange, scatter_rows
+from .core.comm import gather_rows, halo_exchange, scatter_rows
 from .loss import sharded_loss
-from .sharding import ShardingError, row_offsets, row_split
-from .wan import spatial_factor
+from .core.sharding import ShardingError, row_offsets, row_split
+from .families.wan import spatial_factor
 
 __version__ = "0.1.0"
 

@@ -24,10 +24,10 @@ import torch.distributed as dist
 from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
 from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
 
-from .comm import _all_gather_single, gather_rows, group_rank, group_size, scatter_rows
-from .layers import SpatialState
-from .sharding import ShardingError, check_latent_height, check_pixel_height, nearest_valid, row_split, scale_sizes
-from .wan import apply_plan, latent_channels, pixel_channels, plan_for, remove_plan, spatial_factor
+from .core.comm import _all_gather_single, gather_rows, group_rank, group_size, scatter_rows
+from .core.layers import SpatialState
+from .core.sharding import ShardingError, check_latent_height, check_pixel_height, nearest_valid, row_split, scale_sizes
+from .families.wan import apply_plan, latent_channels, pixel_channels, plan_for, remove_plan, spatial_factor
 
 __all__ = [
     "enable_spatial_parallelism",

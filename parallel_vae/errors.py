@@ -1,6 +1,6 @@
 """The error type for bad user input (files, flags, shapes), as opposed to bugs.
 
-Recipes turn an :class:`InputError` into one clear message and a non-zero exit (see :mod:`parallel_vae.runtime`);
+Recipes turn an :class:`InputError` into one clear message and a non-zero exit (see :mod:`parallel_vae.jobs.runtime`);
 anything else is a bug and keeps its traceback.
 """
 

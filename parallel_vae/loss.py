@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .comm import group_size
+from .core.comm import group_size
 
 
 def sharded_loss(local_sum: torch.Tensor, *, numel: int, group=None, averaged: bool = True) -> torch.Tensor:

@@ -21,7 +21,7 @@ from .api import (
     sharded_encode,
     spatial_size,
 )
-from .comm import group_rank
+from .core.comm import group_rank
 
 __all__ = ["decode_video", "encode_video"]
 

@@ -32,9 +32,9 @@ try:
 except ImportError:  # run from a checkout without installing: the package sits next to recipes/
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from parallel_vae.decode_job import AUTO_MIN_WORK_PER_RANK, run_decode
-from parallel_vae.loading import DTYPES
-from parallel_vae.runtime import ArgumentParser, add_runtime_args, run_recipe
+from parallel_vae.jobs.decode_job import AUTO_MIN_WORK_PER_RANK, run_decode
+from parallel_vae.jobs.loading import DTYPES
+from parallel_vae.jobs.runtime import ArgumentParser, add_runtime_args, run_recipe
 
 THRESHOLD_TABLE = """\
     latent T,h,w  work/rank  1 proc   2 procs  speedup  (CPU-time speedup)   measured 2026-11-27, load avg 5.3

@@ -24,8 +24,8 @@ try:
 except ImportError:  # run from a checkout without installing: the package sits next to recipes/
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from parallel_vae.finetune_job import accelerator_kwargs, add_finetune_args, run_finetune
-from parallel_vae.runtime import ArgumentParser, add_runtime_args, run_recipe
+from parallel_vae.jobs.finetune_job import accelerator_kwargs, add_finetune_args, run_finetune
+from parallel_vae.jobs.runtime import ArgumentParser, add_runtime_args, run_recipe
 
 
 def build_parser() -> ArgumentParser:

@@ -24,12 +24,12 @@ except ImportError:  # run from a checkout without installing
 
 import torch  # noqa: E402
 
-from parallel_vae._files import atomic_path  # noqa: E402
-from parallel_vae.data import make_dataset  # noqa: E402
+from parallel_vae.jobs._files import atomic_path  # noqa: E402
+from parallel_vae.jobs.data import make_dataset  # noqa: E402
 from parallel_vae.errors import InputError  # noqa: E402
-from parallel_vae.loading import load_vae  # noqa: E402
-from parallel_vae.training import latent_statistics  # noqa: E402
-from parallel_vae.wan import spatial_factor  # noqa: E402
+from parallel_vae.jobs.loading import load_vae  # noqa: E402
+from parallel_vae.jobs.training import latent_statistics  # noqa: E402
+from parallel_vae.families.wan import spatial_factor  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

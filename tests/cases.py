@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 import parallel_vae as pv
-from parallel_vae.models import build_wan_vae
+from parallel_vae.jobs.models import build_wan_vae
 
 WIDTH = {"wan2.1": dict(base_dim=8, z_dim=4), "wan2.2": dict(base_dim=8, z_dim=4)}
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -15,7 +15,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from parallel_vae._spawn import run_with_deadline
+from parallel_vae.jobs._spawn import run_with_deadline
 
 
 @dataclass

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from diffusers import AutoencoderKLWan
 
 import parallel_vae as pv
-from parallel_vae.sharding import ShardingError
+from parallel_vae.core.sharding import ShardingError
 from tests.cases import Case, make_inputs, make_model, rel_err
 from tests.dist_harness import run_ranks, values
 
@@ -62,7 +62,7 @@ def test_rejects_what_it_cannot_shard():
     with pytest.raises(TypeError, match="AutoencoderKLWan"):
         pv.enable_spatial_parallelism(torch.nn.Conv2d(1, 1, 1))
 
-    from parallel_vae.wan import plan_for
+    from parallel_vae.families.wan import plan_for
 
     vae = make_model("wan2.1", torch.float32)
 
@@ -81,7 +81,7 @@ def test_row_arithmetic():
     assert pv.row_offsets([3, 2, 2]) == [0, 3, 5]
     with pytest.raises(ShardingError, match="at least one row"):
         pv.row_split(2, 3)
-    from parallel_vae.sharding import check_pixel_height, nearest_valid
+    from parallel_vae.core.sharding import check_pixel_height, nearest_valid
 
     assert nearest_valid(100, 8) == [96, 104]
     assert nearest_valid(100, 16, world=8) == [128]
@@ -205,7 +205,7 @@ def test_layout_configs_carry_matching_latent_statistics():
     """Every layout and width has one latent mean/std per latent channel (pipelines normalize with them)."""
     import inspect
 
-    from parallel_vae.models import wan_config
+    from parallel_vae.jobs.models import wan_config
 
     defaults = inspect.signature(AutoencoderKLWan.__init__).parameters  # diffusers' own (Wan2.1, 16 channels)
     for layout in ("wan2.1", "wan2.2"):

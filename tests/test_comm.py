@@ -7,8 +7,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from parallel_vae import comm
-from parallel_vae.sharding import row_offsets
+from parallel_vae.core import comm
+from parallel_vae.core.sharding import row_offsets
 from tests.dist_harness import run_ranks, values
 
 
@@ -133,7 +133,7 @@ def _gradcheck_worker(rank, world, sizes, what):
 
         return torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-8, rtol=1e-6)
     if what == "conv":
-        from parallel_vae.layers import HaloCausalConv3d, SpatialState
+        from parallel_vae.core.layers import HaloCausalConv3d, SpatialState
         from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
         conv = WanCausalConv3d(2, 3, 3, padding=1).double()

@@ -1,4 +1,4 @@
-"""parallel_vae.data: deterministic clips of the right shape, folder decoding/resizing, and data-parallel sharding."""
+"""parallel_vae.jobs.data: deterministic clips of the right shape, folder decoding/resizing, and data-parallel sharding."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from parallel_vae.data import (
+from parallel_vae.jobs.data import (
     DEFAULT_SYNTHETIC_CLIPS,
     SyntheticVideoDataset,
     VideoFolderDataset,
@@ -21,7 +21,7 @@ from parallel_vae.data import (
     validate_clip_shape,
 )
 from parallel_vae.errors import InputError
-from parallel_vae.video import write_video
+from parallel_vae.jobs.video import write_video
 
 
 @pytest.fixture(autouse=True)

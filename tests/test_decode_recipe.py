@@ -27,9 +27,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from parallel_vae import decode_video, encode_video
-from parallel_vae.loading import default_vae, denormalize_latents
-from parallel_vae.models import build_wan_vae
-from parallel_vae.video import demo_video, read_video, write_video
+from parallel_vae.jobs.loading import default_vae, denormalize_latents
+from parallel_vae.jobs.models import build_wan_vae
+from parallel_vae.jobs.video import demo_video, read_video, write_video
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "decode.py"

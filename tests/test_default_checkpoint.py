@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 from diffusers import AutoencoderKLWan
 
-from parallel_vae.data import SyntheticVideoDataset
-from parallel_vae.loading import DEFAULT_VAE_DIR, default_vae
-from parallel_vae.metrics import psnr, ssim
-from parallel_vae.video import demo_video
+from parallel_vae.jobs.data import SyntheticVideoDataset
+from parallel_vae.jobs.loading import DEFAULT_VAE_DIR, default_vae
+from parallel_vae.jobs.metrics import psnr, ssim
+from parallel_vae.jobs.video import demo_video
 
 MAX_BYTES = 8 * 1024 * 1024  # the limit for a checkpoint shipped in the repository
 # Measured on the shipped checkpoint: demo 21.88 dB / SSIM 0.798; these 4 held-out clips 22.88 dB (per clip 29.1,

@@ -13,10 +13,10 @@ import pytest
 import torch
 from diffusers import AutoencoderKLWan
 
-from parallel_vae.data import make_dataset
-from parallel_vae.finetune_job import lr_factor
-from parallel_vae.metrics import psnr
-from parallel_vae.models import build_wan_vae
+from parallel_vae.jobs.data import make_dataset
+from parallel_vae.jobs.finetune_job import lr_factor
+from parallel_vae.jobs.metrics import psnr
+from parallel_vae.jobs.models import build_wan_vae
 from tests.launch import accelerate_launch, check_ok, python_run
 
 RECIPE = "recipes/finetune.py"

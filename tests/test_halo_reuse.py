@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import parallel_vae as pv
-from parallel_vae.comm import count_traffic
-from parallel_vae.models import build_wan_vae
+from parallel_vae.core.comm import count_traffic
+from parallel_vae.jobs.models import build_wan_vae
 from tests.dist_harness import run_ranks, values
 
 

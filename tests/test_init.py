@@ -1,4 +1,4 @@
-"""Training-from-scratch helpers in parallel_vae.models: the zero-residual initialization and the single-frame to
+"""Training-from-scratch helpers in parallel_vae.jobs.models: the zero-residual initialization and the single-frame to
 video inflation (the two steps the embedded default checkpoint was trained with)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanAttentionBlock, WanResidualBlock
 
-from parallel_vae.models import build_wan_vae, inflate_temporal
+from parallel_vae.jobs.models import build_wan_vae, inflate_temporal
 
 
 def _roundtrip(vae, x):

@@ -1,4 +1,4 @@
-"""recipes/latent_stats.py and parallel_vae.training.latent_statistics: a model's own latent normalization."""
+"""recipes/latent_stats.py and parallel_vae.jobs.training.latent_statistics: a model's own latent normalization."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import json
 import torch
 from diffusers import AutoencoderKLWan
 
-from parallel_vae.data import make_dataset
-from parallel_vae.models import build_wan_vae
-from parallel_vae.training import latent_statistics
+from parallel_vae.jobs.data import make_dataset
+from parallel_vae.jobs.models import build_wan_vae
+from parallel_vae.jobs.training import latent_statistics
 from tests.launch import check_ok, python_run
 
 RECIPE = "recipes/latent_stats.py"

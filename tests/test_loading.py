@@ -1,4 +1,4 @@
-"""Loading models and latents (parallel_vae/loading.py), on checkpoints and files these tests write themselves.
+"""Loading models and latents (parallel_vae/jobs/loading.py), on checkpoints and files these tests write themselves.
 
 Covers the default model (seeded, or the checkpoint folder when present), diffusers folders (top level, pipeline
 ``vae/``, explicit subfolder), single files in the original Wan key format and in diffusers' (``.safetensors`` and
@@ -17,9 +17,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from parallel_vae import loading
+from parallel_vae.jobs import loading
 from parallel_vae.errors import InputError
-from parallel_vae.models import build_wan_vae
+from parallel_vae.jobs.models import build_wan_vae
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,13 +1,13 @@
-"""parallel_vae/runtime.py: errors every rank agrees on (one rank failing stops all, with the same message),
+"""parallel_vae/jobs/runtime.py: errors every rank agrees on (one rank failing stops all, with the same message),
 usage errors as exceptions, wandb's offline fallback, and the ``--parallel`` decision."""
 
 from __future__ import annotations
 
 import pytest
 
-from parallel_vae.decode_job import plan_parallel
+from parallel_vae.jobs.decode_job import plan_parallel
 from parallel_vae.errors import InputError
-from parallel_vae.runtime import AgreedError, ArgumentParser, Runtime, UsageError, wandb_mode
+from parallel_vae.jobs.runtime import AgreedError, ArgumentParser, Runtime, UsageError, wandb_mode
 from tests.dist_harness import run_ranks
 
 

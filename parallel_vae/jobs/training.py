@@ -16,8 +16,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from .api import local_rows, sharded_decode, sharded_encode
-from .loss import sharded_loss
+from ..api import local_rows, sharded_decode, sharded_encode
+from ..loss import sharded_loss
 
 __all__ = [
     "HybridLayout",

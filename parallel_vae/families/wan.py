@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 from diffusers.models.autoencoders import autoencoder_kl_wan as wan
 
-from .layers import HaloCausalConv3d, HaloConv2d, HaloZeroPad2d, ShardedWanAttentionBlock, SpatialState
+from ..core.layers import HaloCausalConv3d, HaloConv2d, HaloZeroPad2d, ShardedWanAttentionBlock, SpatialState
 
 # Modules that act per pixel (channels, time, or within a row pair that shards keep together): no change.
 _LOCAL = (

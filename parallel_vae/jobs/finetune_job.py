@@ -23,15 +23,15 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .api import enable_spatial_parallelism, shard_video, spatial_factor
-from .checkpointing import enable_gradient_checkpointing
-from .errors import InputError
+from ..api import enable_spatial_parallelism, shard_video, spatial_factor
+from ..checkpointing import enable_gradient_checkpointing
+from ..errors import InputError
 from .loading import load_vae
 from .metrics import peak_memory_bytes, psnr, ssim
 from .models import build_wan_vae, inflate_temporal, temporal_resampling_convs
-from .pipeline import decode_video, encode_video
+from ..pipeline import decode_video, encode_video
 from .runtime import Runtime, UsageError, start_tracking
-from .sharding import ShardingError
+from ..core.sharding import ShardingError
 from .training import (
     ShardedAutoencoder,
     batch_indices,
@@ -75,12 +75,12 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
         default="pytorch",
         choices=["pytorch", "zero_residual"],
         help="initialization of a --seeded model: the modules' own, or zero biases and identity residual blocks, "
-        "which trains from scratch (see parallel_vae.models.build_wan_vae) (default: %(default)s)",
+        "which trains from scratch (see parallel_vae.jobs.models.build_wan_vae) (default: %(default)s)",
     )
     m.add_argument(
         "--inflate",
         action="store_true",
-        help="before training, make the starting model's temporal layers per-frame (parallel_vae.models."
+        help="before training, make the starting model's temporal layers per-frame (parallel_vae.jobs.models."
         "inflate_temporal): the step from a model trained on --frames 1 to video training",
     )
     m.add_argument(

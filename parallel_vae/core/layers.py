@@ -1,7 +1,7 @@
 """Halo-aware versions of the Wan layers that read neighbouring rows.
 
 Each class subclasses the diffusers (or torch) layer it stands in for and is installed by swapping the
-instance's ``__class__`` (see :mod:`parallel_vae.wan`), so parameters, buffers, ``state_dict`` keys, hooks and
+instance's ``__class__`` (see :mod:`parallel_vae.families.wan`), so parameters, buffers, ``state_dict`` keys, hooks and
 ``isinstance`` checks are untouched and disabling restores the original class. Only ``forward`` differs: the
 height padding of the original layer is replaced by a halo exchange with the neighbouring ranks, which pads
 with zeros at the global top and bottom exactly as the original padding did.

@@ -28,8 +28,8 @@ from urllib.parse import urlparse
 import torch
 import torch.distributed as dist
 
-from .errors import InputError
-from .sharding import ShardingError
+from ..errors import InputError
+from ..core.sharding import ShardingError
 
 __all__ = [
     "ArgumentParser",

@@ -13,7 +13,7 @@ Model sources, in the order :func:`load_vae` considers them:
   the VAE in ``vae/``; for local folders the subfolder is detected (``config.json`` at the top or under ``vae/``),
   for hub ids ``vae/`` is tried first, then the top level.
 * the default: ``parallel_vae/assets/default_vae/`` (a small trained checkpoint) if that folder exists, else a
-  seeded model of the real Wan2.1 layout at a small width (:func:`parallel_vae.models.build_wan_vae`).
+  seeded model of the real Wan2.1 layout at a small width (:func:`parallel_vae.jobs.models.build_wan_vae`).
 
 The fine-tuning recipe uses the same functions, so both recipes agree on what "the default model" is.
 """
@@ -34,9 +34,9 @@ import torch
 from diffusers import AutoencoderKLWan
 from diffusers.utils import logging as diffusers_logging
 
-from .errors import InputError
+from ..errors import InputError
 from .models import build_wan_vae, wan_config
-from .wan import latent_channels, spatial_factor
+from ..families.wan import latent_channels, spatial_factor
 
 __all__ = [
     "DEFAULT_VAE_DIR",
@@ -56,7 +56,7 @@ __all__ = [
 ]
 
 # Where the small trained checkpoint of the fine-tuning recipe goes (a diffusers save_pretrained folder).
-DEFAULT_VAE_DIR = Path(__file__).resolve().parent / "assets" / "default_vae"
+DEFAULT_VAE_DIR = Path(__file__).resolve().parents[1] / "assets" / "default_vae"
 # The seeded fallback: the real Wan2.1 layout and latent width (z_dim 16, so real Wan2.1 latents' channel count and
 # latents_mean/std apply), at a channel width that decodes a short clip in seconds on one CPU core.
 DEFAULT_SEEDED = dict(layout="wan2.1", base_dim=32, z_dim=16, seed=0)

@@ -29,15 +29,15 @@ from typing import Optional
 import torch
 
 from ._files import atomic_path
-from .api import enable_spatial_parallelism
-from .errors import InputError
+from ..api import enable_spatial_parallelism
+from ..errors import InputError
 from .loading import denormalize_latents, describe_vae, load_latents, load_vae, parse_dtype
 from .metrics import peak_memory_bytes, psnr, reset_peak_memory, ssim, write_json
-from .pipeline import decode_video, encode_video
+from ..pipeline import decode_video, encode_video
 from .runtime import Runtime, UsageError, start_tracking
-from .sharding import nearest_valid, row_split
+from ..core.sharding import nearest_valid, row_split
 from .video import demo_video, read_video, write_video
-from .wan import latent_channels, pixel_channels, spatial_factor
+from ..families.wan import latent_channels, pixel_channels, spatial_factor
 
 __all__ = ["AUTO_MIN_WORK_PER_RANK", "ParallelPlan", "plan_parallel", "DecodeInput", "read_input", "run_decode"]
 
@@ -357,7 +357,7 @@ def _write_outputs(rt, args, vae, source, inp, plan, decoded, stats, out_dir) ->
 def _versions() -> dict:
     import diffusers
 
-    from . import __version__
+    from .. import __version__
 
     return {"parallel_vae": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__}
 

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, DistributedSampler
 
-from .errors import InputError
+from ..errors import InputError
 
 __all__ = [
     "VIDEO_EXTENSIONS",
