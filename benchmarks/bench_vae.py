@@ -455,9 +455,9 @@ def _projection_main(job: Job, worlds: list[int], out_path: str) -> None:
 def _projection_body(job: Job, worlds: list[int]) -> dict:
     import parallel_vae as pv
     from parallel_vae.core.comm import count_traffic
-    from parallel_vae.core.layers import SpatialState
+    from parallel_vae.core.plan import SpatialState, apply_plan, remove_plan
     from parallel_vae.core.sharding import row_split
-    from parallel_vae.families.wan import apply_plan, plan_for, remove_plan
+    from parallel_vae.families import adapter_for, plan_for
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.set_num_threads(job.threads)

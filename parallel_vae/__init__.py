@@ -29,7 +29,7 @@ from .checkpointing import disable_gradient_checkpointing, enable_gradient_check
 from .core.comm import gather_rows, halo_exchange, scatter_rows
 from .loss import sharded_loss
 from .core.sharding import ShardingError, row_offsets, row_split
-from .families.wan import spatial_factor
+from .families import spatial_factor
 
 __version__ = "0.1.0"
 

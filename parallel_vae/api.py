@@ -1,4 +1,4 @@
-"""Public API: enable/disable spatial parallelism on an unmodified diffusers ``AutoencoderKLWan``.
+"""Public API: enable/disable spatial parallelism on an unmodified diffusers VAE of a supported family.
 
 Two ways to run a parallelized model:
 
@@ -11,7 +11,10 @@ Two ways to run a parallelized model:
   gradients summed over the group equal the single-process gradients of the summed loss (see
   :func:`parallel_vae.loss.sharded_loss` for DDP / DeepSpeed averaging).
 
-While enabled, the model's ``encoder`` and ``decoder`` operate on row shards of the spatial group.
+While enabled, the model's ``encoder`` and ``decoder`` operate on row shards of the spatial group. Everything here
+is the same for every family; what differs (the module table, rows per latent row, channels, 4-D or 5-D, how the
+class's own ``_encode``/``_decode`` are called) comes from the family's adapter (:mod:`parallel_vae.families`).
+Rows are always dim -2.
 """
 
 from __future__ import annotations
@@ -21,13 +24,12 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
-from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from .core.comm import _all_gather_single, gather_rows, group_rank, group_size, scatter_rows
-from .core.layers import SpatialState
+from .core.plan import SpatialState, apply_plan, remove_plan
 from .core.sharding import ShardingError, check_latent_height, check_pixel_height, nearest_valid, row_split, scale_sizes
-from .families.wan import apply_plan, latent_channels, pixel_channels, plan_for, remove_plan, spatial_factor
+from .families import FamilyAdapter, adapter_for
 
 __all__ = [
     "enable_spatial_parallelism",
@@ -55,12 +57,13 @@ _OPS = ["encode", "decode", "sharded_encode", "sharded_decode"]
 # --------------------------------------------------------------------------------------------------------------
 
 
-def enable_spatial_parallelism(vae: AutoencoderKLWan, group: Optional[dist.ProcessGroup] = None) -> AutoencoderKLWan:
+def enable_spatial_parallelism(vae, group: Optional[dist.ProcessGroup] = None):
     """Parallelize ``vae`` over the ranks of ``group`` by rows, in place, and return it.
 
     Arguments:
-        vae: a diffusers ``AutoencoderKLWan`` (Wan2.1 or Wan2.2 layout). Its parameters and ``state_dict`` keys
-            are unchanged, so a model saved while enabled loads in plain diffusers.
+        vae: a diffusers VAE of a supported family (``parallel_vae.families.FAMILIES``): ``AutoencoderKLWan``
+            (Wan2.1/2.2), ``AutoencoderKL`` (SD/SDXL/SD3/Flux.1), ``AutoencoderKLFlux2``, ... Its parameters and
+            ``state_dict`` keys are unchanged, so a model saved while enabled loads in plain diffusers.
         group: the spatial process group. ``None`` means the default (world) group. Every rank of the group must
             call this, and then call the same encode/decode methods in the same order.
 
@@ -70,8 +73,7 @@ def enable_spatial_parallelism(vae: AutoencoderKLWan, group: Optional[dist.Proce
     All ranks of ``group`` must already have called ``torch.distributed.init_process_group``. Call
     :func:`disable_spatial_parallelism` to restore the original behaviour.
     """
-    if not isinstance(vae, AutoencoderKLWan):
-        raise TypeError(f"enable_spatial_parallelism expects a diffusers AutoencoderKLWan, got {type(vae).__name__}")
+    adapter = adapter_for(vae)  # a TypeError naming the supported classes
     if is_spatially_parallel(vae):
         raise RuntimeError("spatial parallelism is already enabled on this model; disable it first")
     if group is None and dist.is_available() and dist.is_initialized():
@@ -79,9 +81,9 @@ def enable_spatial_parallelism(vae: AutoencoderKLWan, group: Optional[dist.Proce
     if group is not None and group is not dist.GroupMember.WORLD and dist.get_rank(group) < 0:
         raise ValueError("this process is not a member of the given group; only members may enable it")
     size = group_size(group)
-    state = SpatialState(group, size, spatial_factor(vae))
+    state = SpatialState(group, size, adapter.spatial_factor(vae), adapter)
     if size > 1:
-        plan = plan_for(vae)  # raises before anything is changed if the model holds an unknown module
+        plan = adapter.plan(vae)  # raises before anything is changed if the model holds an unknown module
         apply_plan(vae, plan, state)
         # Instance attributes take precedence over the class methods that encode()/decode() call.
         vae._encode = types.MethodType(_replicated_encode, vae)
@@ -90,7 +92,7 @@ def enable_spatial_parallelism(vae: AutoencoderKLWan, group: Optional[dist.Proce
     return vae
 
 
-def disable_spatial_parallelism(vae: AutoencoderKLWan) -> AutoencoderKLWan:
+def disable_spatial_parallelism(vae):
     """Undo :func:`enable_spatial_parallelism` in place and return ``vae``."""
     remove_plan(vae)
     for name in ("_encode", "_decode", _STATE_ATTR):
@@ -98,17 +100,17 @@ def disable_spatial_parallelism(vae: AutoencoderKLWan) -> AutoencoderKLWan:
     return vae
 
 
-def is_spatially_parallel(vae: AutoencoderKLWan) -> bool:
+def is_spatially_parallel(vae) -> bool:
     """Whether :func:`enable_spatial_parallelism` is in effect on ``vae``."""
     return _STATE_ATTR in vae.__dict__
 
 
-def spatial_group(vae: AutoencoderKLWan):
+def spatial_group(vae):
     """The process group ``vae`` was parallelized over."""
     return _state(vae).group
 
 
-def spatial_size(vae: AutoencoderKLWan) -> int:
+def spatial_size(vae) -> int:
     """Number of ranks ``vae``'s rows are split over (1 for the no-op path)."""
     return _state(vae).size
 
@@ -125,6 +127,10 @@ def _state(vae) -> SpatialState:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _adapter(state: SpatialState) -> FamilyAdapter:
+    return state.adapter
+
+
 def _describe(row: list[int]) -> str:
     op, dtype, ndim = row[0], row[1], row[2]
     shape = tuple(row[3 : 3 + ndim])
@@ -139,6 +145,7 @@ def _agree(vae, op: str, x: torch.Tensor, state: SpatialState) -> list[int]:
     the heights may differ and are returned as given. Every rank sees the same table, so every rank raises the
     same error (no rank proceeds to a collective that the others skip).
     """
+    adapter = _adapter(state)
     sharded = op.startswith("sharded")
     latent = op.endswith("decode")
     unit = 1 if latent else state.factor
@@ -154,7 +161,8 @@ def _agree(vae, op: str, x: torch.Tensor, state: SpatialState) -> list[int]:
         raise ShardingError(f"{msg} [{listing}]")
 
     # Same op, dtype and rank count everywhere; in sharded mode every dim but the height must match.
-    height_dim = 3 + 3  # offset 3 in the table, then dim 3 of (B, C, T, H, W)
+    ndim = rows[0][2]
+    height_dim = 3 + min(max(ndim - 2, 0), 5)  # offset 3 in the table, then dim -2 of the input
     for r, row in enumerate(rows):
         a, b = list(rows[0]), list(row)
         if sharded:
@@ -162,12 +170,16 @@ def _agree(vae, op: str, x: torch.Tensor, state: SpatialState) -> list[int]:
         if a != b:
             fail(f"ranks of the spatial group disagree on the input (rank 0 vs rank {r})")
     op_name = "decode" if latent else "encode"
-    ndim = rows[0][2]
-    if ndim != 5:
-        fail(f"{op_name} expects a 5-D (batch, channels, frames, height, width) tensor, got {ndim}-D")
+    if ndim != adapter.ndim:
+        layout = "(batch, channels, frames, height, width)" if adapter.video else "(batch, channels, height, width)"
+        fail(f"{op_name} expects a {adapter.ndim}-D {layout} tensor, got {ndim}-D")
     if dtype_code < 0:
         fail(f"unsupported dtype {x.dtype}")
-    channels = latent_channels(vae) if latent else pixel_channels(vae)
+    if adapter.video:
+        problem = adapter.check_frames(vae, rows[0][5], latent)
+        if problem:
+            fail(problem)
+    channels = adapter.latent_channels(vae) if latent else adapter.pixel_channels(vae)
     if rows[0][4] != channels:
         what = "latent" if latent else "pixel"
         fail(f"{op_name} expects {channels} {what} channels (dim 1), got {rows[0][4]}")
@@ -188,7 +200,7 @@ def _agree(vae, op: str, x: torch.Tensor, state: SpatialState) -> list[int]:
 
 
 def _check_tiling(vae) -> None:
-    if vae.use_tiling:
+    if _adapter(_state(vae)).tiling_enabled(vae):
         raise RuntimeError(
             "spatial parallelism and diffusers tiling are exclusive (tiles would be cut from shards); "
             "call vae.disable_tiling() - the rows are already split over the group"
@@ -204,20 +216,23 @@ def _replicated_encode(self, x: torch.Tensor) -> torch.Tensor:
     state = _state(self)
     _check_tiling(self)
     sizes = _agree(self, "encode", x, state)
-    # (B, C, T, H, W) -> (B, C, T, H_r, W): my pixel rows; backward all-gathers the input gradient.
-    x_local = scatter_rows(x, state.group, dim=3, sizes=sizes)
-    h_local = type(self)._encode(self, x_local)
-    return gather_rows(h_local, state.group, dim=3, sizes=[s // state.factor for s in sizes])
+    # (.., H, W) -> (.., H_r, W): my pixel rows; backward all-gathers the input gradient.
+    x_local = scatter_rows(x, state.group, dim=-2, sizes=sizes)
+    h_local = _adapter(state).encode_local(self, x_local)
+    return gather_rows(h_local, state.group, dim=-2, sizes=[s // state.factor for s in sizes])
 
 
-def _replicated_decode(self, z: torch.Tensor, return_dict: bool = True):
+def _replicated_decode(self, z: torch.Tensor, *args, **kwargs):
+    """Stands in for the class's own ``_decode`` (same signature and return type, which differ by family)."""
     state = _state(self)
+    adapter = _adapter(state)
+    return_dict = kwargs.pop("return_dict", args[0] if args else True)
     _check_tiling(self)
     sizes = _agree(self, "decode", z, state)
-    z_local = scatter_rows(z, state.group, dim=3, sizes=sizes)
-    out_local = type(self)._decode(self, z_local, return_dict=False)[0]
-    out = gather_rows(out_local, state.group, dim=3, sizes=scale_sizes(sizes, state.factor))
-    return DecoderOutput(sample=out) if return_dict else (out,)
+    z_local = scatter_rows(z, state.group, dim=-2, sizes=sizes)
+    out_local = adapter.decode_local(self, z_local)
+    out = gather_rows(out_local, state.group, dim=-2, sizes=scale_sizes(sizes, state.factor))
+    return adapter.wrap_decoded(out, return_dict)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -225,10 +240,10 @@ def _replicated_decode(self, z: torch.Tensor, return_dict: bool = True):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def sharded_encode(vae: AutoencoderKLWan, x_local: torch.Tensor) -> DiagonalGaussianDistribution:
+def sharded_encode(vae, x_local: torch.Tensor) -> DiagonalGaussianDistribution:
     """Encode this rank's pixel rows; returns the posterior over this rank's latent rows.
 
-    ``x_local`` is (B, C, T, H_r, W) with H_r a positive multiple of the spatial factor; the shards of the group,
+    ``x_local`` is (B, C, T, H_r, W) (videos) or (B, C, H_r, W) (images) with H_r a positive multiple of the spatial factor; the shards of the group,
     in group-rank order, are the rows of the whole video (any split; :func:`shard_video` gives the balanced one).
     """
     state = _state(vae)
@@ -236,23 +251,23 @@ def sharded_encode(vae: AutoencoderKLWan, x_local: torch.Tensor) -> DiagonalGaus
         return vae.encode(x_local).latent_dist
     _check_tiling(vae)
     _agree(vae, "sharded_encode", x_local, state)
-    parts = x_local.split(1) if vae.use_slicing and x_local.shape[0] > 1 else [x_local]
-    h = torch.cat([type(vae)._encode(vae, p) for p in parts])
+    parts = x_local.split(1) if getattr(vae, "use_slicing", False) and x_local.shape[0] > 1 else [x_local]
+    h = torch.cat([_adapter(state).encode_local(vae, p) for p in parts])
     return DiagonalGaussianDistribution(h)
 
 
-def sharded_decode(vae: AutoencoderKLWan, z_local: torch.Tensor) -> torch.Tensor:
-    """Decode this rank's latent rows (B, C, T, h_r, W) into its pixel rows (B, C', T', h_r x factor, W x factor)."""
+def sharded_decode(vae, z_local: torch.Tensor) -> torch.Tensor:
+    """Decode this rank's latent rows (B, C, [T,] h_r, w) into its pixel rows (B, C', [T',] h_r x factor, w x factor)."""
     state = _state(vae)
     if state.size == 1:
         return vae.decode(z_local).sample
     _check_tiling(vae)
     _agree(vae, "sharded_decode", z_local, state)
-    parts = z_local.split(1) if vae.use_slicing and z_local.shape[0] > 1 else [z_local]
-    return torch.cat([type(vae)._decode(vae, p, return_dict=False)[0] for p in parts])
+    parts = z_local.split(1) if getattr(vae, "use_slicing", False) and z_local.shape[0] > 1 else [z_local]
+    return torch.cat([_adapter(state).decode_local(vae, p) for p in parts])
 
 
-def local_rows(vae: AutoencoderKLWan, latent_height: int) -> tuple[int, int]:
+def local_rows(vae, latent_height: int) -> tuple[int, int]:
     """(first latent row, number of latent rows) of this rank under the balanced split of ``latent_height``."""
     state = _state(vae)
     check_latent_height(latent_height, state.size, state.factor)
@@ -261,21 +276,21 @@ def local_rows(vae: AutoencoderKLWan, latent_height: int) -> tuple[int, int]:
     return sum(sizes[:rank]), sizes[rank]
 
 
-def shard_video(vae: AutoencoderKLWan, x: torch.Tensor) -> torch.Tensor:
-    """forward: keep my pixel rows of a full video (balanced split in latent-row units); backward: all-gather."""
+def shard_video(vae, x: torch.Tensor) -> torch.Tensor:
+    """forward: keep my pixel rows of a full video or image (balanced split in latent-row units); backward: all-gather."""
     state = _state(vae)
     check_pixel_height(x.shape[-2], state.size, state.factor)
     return scatter_rows(x, state.group, dim=-2, unit=state.factor)
 
 
-def shard_latents(vae: AutoencoderKLWan, z: torch.Tensor) -> torch.Tensor:
+def shard_latents(vae, z: torch.Tensor) -> torch.Tensor:
     """forward: keep my latent rows of full latents (balanced split); backward: all-gather."""
     state = _state(vae)
     check_latent_height(z.shape[-2], state.size, state.factor)
     return scatter_rows(z, state.group, dim=-2)
 
 
-def gather_shards(vae: AutoencoderKLWan, x_local: torch.Tensor, sum_grads: bool = False) -> torch.Tensor:
+def gather_shards(vae, x_local: torch.Tensor, sum_grads: bool = False) -> torch.Tensor:
     """forward: all-gather the group's row shards (variable sizes) into the full tensor; backward: keep my rows'
     gradient (every rank computes the same loss), or reduce-scatter it with ``sum_grads=True``."""
     state = _state(vae)

@@ -1,5 +1,8 @@
-"""Activation (gradient) checkpointing of the Wan encoder/decoder blocks that is correct with causal caches and
-halo exchanges.
+"""Activation (gradient) checkpointing that is correct with halo exchanges, and with causal frame caches.
+
+``enable_gradient_checkpointing(vae)`` asks the family's adapter. Families whose diffusers class supports
+checkpointing (``AutoencoderKL``, ``AutoencoderKLFlux2``, HunyuanVideo) use diffusers' own; Wan-style models
+(Wan, Qwen-Image), which diffusers marks as unsupported, use the cache-aware wrapper below.
 
 diffusers marks ``AutoencoderKLWan`` as not supporting gradient checkpointing, and a naive ``checkpoint(block, x,
 feat_cache, feat_idx)`` is wrong: the block mutates the shared ``feat_cache`` list and ``feat_idx`` counter in place,
@@ -20,19 +23,14 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["enable_gradient_checkpointing", "disable_gradient_checkpointing", "checkpointed_blocks"]
+__all__ = [
+    "enable_gradient_checkpointing",
+    "disable_gradient_checkpointing",
+    "enable_cache_checkpointing",
+    "disable_cache_checkpointing",
+]
 
 _FLAG = "_pv_checkpointed"
-
-
-def checkpointed_blocks(vae: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The blocks that are checkpointed: every encoder down block and mid block, every decoder up block and mid
-    block (the stem and head convolutions are single layers and stay as they are)."""
-    blocks = [(f"encoder.down_blocks.{i}", b) for i, b in enumerate(vae.encoder.down_blocks)]
-    blocks.append(("encoder.mid_block", vae.encoder.mid_block))
-    blocks.append(("decoder.mid_block", vae.decoder.mid_block))
-    blocks += [(f"decoder.up_blocks.{i}", b) for i, b in enumerate(vae.decoder.up_blocks)]
-    return blocks
 
 
 def _checkpointed_forward(block: nn.Module, x, *args, feat_cache=None, feat_idx=None, **kwargs):
@@ -57,23 +55,35 @@ def _checkpointed_forward(block: nn.Module, x, *args, feat_cache=None, feat_idx=
     return out
 
 
-def enable_gradient_checkpointing(vae: nn.Module) -> nn.Module:
-    """Checkpoint the encoder/decoder blocks of an ``AutoencoderKLWan`` (parallel or not), in place.
-
-    Activations inside each block are recomputed during backward instead of stored; only block inputs and causal
-    caches are kept. Has no effect under ``torch.no_grad()``. Returns ``vae``.
-    """
-    for _, block in checkpointed_blocks(vae):
+def enable_cache_checkpointing(blocks: list[tuple[str, nn.Module]]) -> None:
+    """Checkpoint each block, whose forward takes ``feat_cache``/``feat_idx`` (Wan-style), with the cache snapshot."""
+    for _, block in blocks:
         if not block.__dict__.get(_FLAG):
             # An instance attribute shadows the class's forward; partial (not a bound method) deep-copies cleanly.
             block.forward = functools.partial(_checkpointed_forward, block)
             block.__dict__[_FLAG] = True
+
+
+def disable_cache_checkpointing(blocks: list[tuple[str, nn.Module]]) -> None:
+    for _, block in blocks:
+        if block.__dict__.pop(_FLAG, False):
+            block.__dict__.pop("forward", None)
+
+
+def enable_gradient_checkpointing(vae: nn.Module) -> nn.Module:
+    """Checkpoint the encoder/decoder blocks of a supported VAE (parallel or not), in place; returns ``vae``.
+
+    Activations inside each block are recomputed during backward instead of stored; only block inputs (and causal
+    caches) are kept. Has no effect under ``torch.no_grad()``."""
+    from .families import adapter_for
+
+    adapter_for(vae).enable_checkpointing(vae)
     return vae
 
 
 def disable_gradient_checkpointing(vae: nn.Module) -> nn.Module:
     """Undo :func:`enable_gradient_checkpointing`. Returns ``vae``."""
-    for _, block in checkpointed_blocks(vae):
-        if block.__dict__.pop(_FLAG, False):
-            block.__dict__.pop("forward", None)
+    from .families import adapter_for
+
+    adapter_for(vae).disable_checkpointing(vae)
     return vae

@@ -29,7 +29,7 @@ from parallel_vae.jobs.data import make_dataset  # noqa: E402
 from parallel_vae.errors import InputError  # noqa: E402
 from parallel_vae.jobs.loading import load_vae  # noqa: E402
 from parallel_vae.jobs.training import latent_statistics  # noqa: E402
-from parallel_vae.families.wan import spatial_factor  # noqa: E402
+from parallel_vae.families import spatial_factor  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -133,11 +133,13 @@ def _gradcheck_worker(rank, world, sizes, what):
 
         return torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-8, rtol=1e-6)
     if what == "conv":
-        from parallel_vae.core.layers import HaloCausalConv3d, SpatialState
         from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
+        from parallel_vae.core.halo import HaloCausalConv
+        from parallel_vae.core.plan import SpatialState, sharded_class
+
         conv = WanCausalConv3d(2, 3, 3, padding=1).double()
-        conv.__class__ = HaloCausalConv3d
+        conv.__class__ = sharded_class(HaloCausalConv, WanCausalConv3d)
         conv._pv_state = SpatialState(group, dist.get_world_size(), 1)
         x = torch.randn(1, 2, 2, n, 3, dtype=torch.float64, requires_grad=True)
         cache = torch.randn(1, 2, 1, n, 3, dtype=torch.float64, requires_grad=True)

@@ -131,6 +131,14 @@ def _all_gather_single(out: torch.Tensor, inp: torch.Tensor, group) -> None:
     _wait([fn(out, inp, group=group, async_op=True)])
 
 
+def _all_reduce_sum(t: torch.Tensor, group) -> None:
+    """In-place sum over the group (small statistics: GroupNorm's count/mean/M2 and its backward sums)."""
+    if _counter is not None:
+        peers = group_size(group) - 1
+        _counter.add("all_reduce", _nbytes(t) * peers, _nbytes(t) * peers)
+    _wait([dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group, async_op=True)])
+
+
 def _reduce_scatter_single(out: torch.Tensor, inp: torch.Tensor, group) -> None:
     if _counter is not None:
         peers = inp.numel() // max(out.numel(), 1) - 1
@@ -169,34 +177,44 @@ def _halo_pad(
     cat_dim: int = 0,
     zero_front: int = 0,
     prefix_halo: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    bottom_edge: Optional[int] = None,
+    fill_top: Optional[torch.Tensor] = None,
+    fill_bottom: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """One new tensor: along ``cat_dim``, ``zero_front`` zero slices, then ``prefix`` (if any), then ``x``; along
     ``dim``, ``top`` rows of the rank above and ``bottom`` rows of the rank below around my rows.
 
-    The global first rank gets ``top`` zero rows and the global last rank ``bottom`` zero rows, exactly the zero
-    padding the unsharded layer applies. This is ``cat([zeros, prefix, x], cat_dim)`` followed by the halo
-    exchange (a causal conv's cached frames and its zero time padding, then the height halo) written once, with
-    my rows copied in while the neighbours' rows are in flight.
+    At the global edges the padding is the layer's own: the global first rank gets ``top`` rows of ``fill_top``
+    (zeros when None), the global last rank ``bottom_edge`` (default ``bottom``) rows of ``fill_bottom`` (zeros when
+    None). ``bottom_edge`` differs from ``bottom`` for strided or asymmetrically padded layers (see
+    :func:`parallel_vae.core.halo.conv_halo`). This is ``cat([zeros, prefix, x], cat_dim)`` followed by the halo
+    exchange (a causal conv's cached frames and its zero time padding, then the height halo) written once, with my
+    rows copied in while the neighbours' rows are in flight.
 
     ``prefix_halo`` = (rows above, rows below) of the prefix slices, already received earlier (a causal conv's
     cached frames were this rank's previous input, whose halo rows were exchanged then): only the halo rows of
     ``x`` travel. Every rank of the group must pass it or not at the same call.
     """
     rank, size = group_rank(group), group_size(group)
+    last = rank == size - 1
+    bottom_edge = bottom if bottom_edge is None else bottom_edge
+    my_bottom = bottom_edge if last else bottom
     rows = x.size(dim)
-    if rows < max(top, bottom):
+    if size > 1 and rows < max(top, bottom):
         raise ShardingError(f"a shard of {rows} rows cannot supply a halo of {max(top, bottom)} rows")
+    if (fill_top is not None or fill_bottom is not None) and prefix is not None:
+        raise ValueError("edge fill rows and a prefix cannot be combined")
     parts = [p for p in (prefix, x) if p is not None]
     known = prefix.size(cat_dim) if prefix is not None and prefix_halo is not None else 0
     # step 0: the output and the halo receive buffers.
-    shape = _rows_shape(x, dim, top + rows + bottom)
+    shape = _rows_shape(x, dim, top + rows + my_bottom)
     data = sum(p.size(cat_dim) for p in parts)
     shape[cat_dim] = zero_front + data
     out = x.new_empty(shape)
     body = out.narrow(cat_dim, zero_front, data)  # the slices that carry data (the zero front has no halo to fetch)
     live = body.narrow(cat_dim, known, data - known)  # the slices whose halo rows travel now
     from_above = live.new_empty(_rows_shape(live, dim, top)) if top and rank > 0 else None
-    from_below = live.new_empty(_rows_shape(live, dim, bottom)) if bottom and rank < size - 1 else None
+    from_below = live.new_empty(_rows_shape(live, dim, bottom)) if bottom and not last else None
     exchanged = parts[1:] if known else parts
 
     def edge(start: int, count: int) -> torch.Tensor:
@@ -210,12 +228,12 @@ def _halo_pad(
         recvs.append((from_above, rank - 1))
     if from_below is not None:
         recvs.append((from_below, rank + 1))
-    if top and rank < size - 1:
+    if top and not last:
         sends.append((edge(rows - top, top), rank + 1))
     if bottom and rank > 0:
         sends.append((edge(0, bottom), rank - 1))
     works = _p2p_start(sends, recvs, group)
-    # step 2: while the rows travel, copy mine in (and the prefix's known halo rows) and zero the padding.
+    # step 2: while the rows travel, copy mine in (and the prefix's known halo rows) and pad the global edges.
     if zero_front:
         out.narrow(cat_dim, 0, zero_front).zero_()
     offset = 0
@@ -228,10 +246,12 @@ def _halo_pad(
             done.narrow(dim, 0, top).copy_(prefix_halo[0])
         if bottom:
             done.narrow(dim, top + rows, bottom).copy_(prefix_halo[1])
-    if top and from_above is None:
-        live.narrow(dim, 0, top).zero_()
-    if bottom and from_below is None:
-        live.narrow(dim, top + rows, bottom).zero_()
+    if top and rank == 0:
+        dest = live.narrow(dim, 0, top)
+        dest.copy_(fill_top) if fill_top is not None else dest.zero_()
+    if my_bottom and last:
+        dest = live.narrow(dim, top + rows, my_bottom)
+        dest.copy_(fill_bottom) if fill_bottom is not None else dest.zero_()
     # step 3: wait and attach the neighbours' rows.
     _wait(works)
     if from_above is not None:
@@ -252,19 +272,22 @@ def _halo_exchange(x: torch.Tensor, group, dim: int, top: int, bottom: int) -> t
     return _halo_pad(x, group, dim, top, bottom)
 
 
-def _halo_return(grad: torch.Tensor, group, dim: int, top: int, bottom: int) -> torch.Tensor:
-    """Mirror of :func:`_halo_exchange`: send each halo's gradient to the rank that owns those rows, which adds it
-    to its own edge rows. Gradients of the zero rows at the global edges are dropped (padding has no owner)."""
+def _halo_return(grad: torch.Tensor, group, dim: int, top: int, bottom: int, bottom_edge: Optional[int] = None):
+    """Mirror of :func:`_halo_pad`: send each halo's gradient to the rank that owns those rows, which adds it to its
+    own edge rows. Gradients of the global edges' padding rows are not touched here (zero padding has no owner;
+    fill rows return their gradient through the op that built them)."""
     rank, size = group_rank(group), group_size(group)
-    rows = grad.size(dim) - top - bottom
+    last = rank == size - 1
+    my_bottom = (bottom if bottom_edge is None else bottom_edge) if last else bottom
+    rows = grad.size(dim) - top - my_bottom
     out = grad.narrow(dim, top, rows).clone(memory_format=torch.contiguous_format)
     sends, recvs = [], []
     if top and rank > 0:
         sends.append((grad.narrow(dim, 0, top).contiguous(), rank - 1))
-    if bottom and rank < size - 1:
+    if bottom and not last:
         sends.append((grad.narrow(dim, top + rows, bottom).contiguous(), rank + 1))
     from_below = from_above = None
-    if top and rank < size - 1:
+    if top and not last:
         from_below = grad.new_empty(_rows_shape(grad, dim, top))
         recvs.append((from_below, rank + 1))
     if bottom and rank > 0:
@@ -358,19 +381,27 @@ class _HaloExchange(torch.autograd.Function):
 
 
 class _HaloPad(torch.autograd.Function):
-    """forward: [zeros, prefix, x] along cat_dim with neighbours' rows attached along dim; backward: return halo
-    gradients to their owners (those of already-known prefix halo rows to where those rows came from), then split
-    the rest between prefix and x."""
+    """forward: [zeros, prefix, x] along cat_dim with neighbours' rows attached along dim (the layer's own padding
+    rows at the global edges); backward: return halo gradients to their owners (those of already-known prefix halo
+    rows to where those rows came from, those of edge fill rows to the op that built them), then split the rest
+    between prefix and x."""
 
     @staticmethod
-    def forward(ctx, x, prefix, prefix_above, prefix_below, group, dim, top, bottom, cat_dim, zero_front):
+    def forward(
+        ctx, x, prefix, prefix_above, prefix_below, fill_top, fill_bottom, group, dim, top, bottom, bottom_edge, cat_dim,
+        zero_front,
+    ):
         ctx.group, ctx.dim, ctx.top, ctx.bottom, ctx.cat_dim = group, dim, top, bottom, cat_dim
+        ctx.bottom_edge = bottom if bottom_edge is None else bottom_edge
         ctx.zero_front, ctx.rows = zero_front, x.size(dim)
         ctx.split = [0 if prefix is None else prefix.size(cat_dim), x.size(cat_dim)]
+        ctx.fills = (fill_top is not None, fill_bottom is not None)
         known = prefix is not None and (prefix_above is not None or prefix_below is not None)
         ctx.known = known
         halo = (prefix_above, prefix_below) if known else None
-        return _halo_pad(x, group, dim, top, bottom, prefix, cat_dim, zero_front, halo)
+        return _halo_pad(
+            x, group, dim, top, bottom, prefix, cat_dim, zero_front, halo, ctx.bottom_edge, fill_top, fill_bottom
+        )
 
     @staticmethod
     def backward(ctx, grad):
@@ -378,17 +409,19 @@ class _HaloPad(torch.autograd.Function):
         dim, top, rows, bottom = ctx.dim, ctx.top, ctx.rows, ctx.bottom
         body = grad.narrow(ctx.cat_dim, ctx.zero_front, n_prefix + n_x)
         g_above = g_below = None
+        g_fill_top = body.narrow(dim, 0, top) if ctx.fills[0] else None
+        g_fill_bottom = body.narrow(dim, top + rows, ctx.bottom_edge) if ctx.fills[1] else None
         if ctx.known:
             done = body.narrow(ctx.cat_dim, 0, n_prefix)
             g_prefix = done.narrow(dim, top, rows)
             g_above = done.narrow(dim, 0, top) if top else None
             g_below = done.narrow(dim, top + rows, bottom) if bottom else None
-            g_x = _halo_return(body.narrow(ctx.cat_dim, n_prefix, n_x), ctx.group, dim, top, bottom)
+            g_x = _halo_return(body.narrow(ctx.cat_dim, n_prefix, n_x), ctx.group, dim, top, bottom, ctx.bottom_edge)
         else:
-            mine = _halo_return(body, ctx.group, dim, top, bottom)
+            mine = _halo_return(body, ctx.group, dim, top, bottom, ctx.bottom_edge)
             g_prefix = mine.narrow(ctx.cat_dim, 0, n_prefix) if n_prefix else None
             g_x = mine.narrow(ctx.cat_dim, n_prefix, n_x)
-        return g_x, g_prefix, g_above, g_below, None, None, None, None, None, None
+        return (g_x, g_prefix, g_above, g_below, g_fill_top, g_fill_bottom) + (None,) * 7
 
 
 class _ScatterToSpatialRegion(torch.autograd.Function):
@@ -445,28 +478,39 @@ def halo_pad(
     cat_dim: int = 2,
     zero_front: int = 0,
     prefix_halo: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    bottom_edge: Optional[int] = None,
+    fill_top: Optional[torch.Tensor] = None,
+    fill_bottom: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """forward: one tensor holding ``zero_front`` zero slices, ``prefix`` and ``x`` along ``cat_dim``, with ``top``
-    rows from the rank above and ``bottom`` from the rank below along ``dim`` (zeros at the global edges);
-    backward: send the halo gradients back (the owner adds them to its edge rows) and split the rest between
-    ``prefix`` and ``x``.
+    rows from the rank above and ``bottom`` from the rank below along ``dim``; at the global top ``fill_top`` (or
+    zeros), at the global bottom ``bottom_edge`` rows of ``fill_bottom`` (or zeros); backward: send the halo
+    gradients back (the owner adds them to its edge rows), return the fill rows' gradients, and split the rest
+    between ``prefix`` and ``x``.
 
     Equal to ``halo_exchange(F.pad(torch.cat([prefix, x], cat_dim), <zero_front before along cat_dim>), ...)``
     with one copy instead of three. ``prefix_halo`` = (the ``top`` rows above, the ``bottom`` rows below) of
     ``prefix``, when they are already known (received with an earlier exchange): then only ``x``'s rows travel,
-    and every rank of the group must pass it at the same call.
+    and every rank of the group must pass it at the same call. ``fill_top`` / ``fill_bottom`` are used by the
+    global edge ranks only (others pass None) and cannot be combined with a prefix.
     """
     dim, cat_dim = dim % x.dim(), cat_dim % x.dim()
     if dim == cat_dim:
-        raise ValueError("halo_pad needs different dims for the halo and the concatenation")
+        if prefix is not None or zero_front:
+            raise ValueError("halo_pad needs different dims for the halo and the concatenation")
+        cat_dim = (dim + 1) % x.dim()  # nothing is concatenated: any other dim will do
     if group_size(group) == 1:
         parts = [x.new_zeros(_rows_shape(x, cat_dim, zero_front))] if zero_front else []
         parts += [p for p in (prefix, x) if p is not None]
         body = torch.cat(parts, cat_dim) if len(parts) > 1 else x
-        pad = [0, 0] * (x.dim() - 1 - dim) + [top, bottom]
-        return F.pad(body, pad)
+        edge = bottom if bottom_edge is None else bottom_edge
+        upper = fill_top if fill_top is not None else body.new_zeros(_rows_shape(body, dim, top))
+        lower = fill_bottom if fill_bottom is not None else body.new_zeros(_rows_shape(body, dim, edge))
+        return torch.cat([upper, body, lower], dim) if top or edge else body
     above, below = prefix_halo if prefix_halo is not None and prefix is not None else (None, None)
-    return _HaloPad.apply(x, prefix, above, below, group, dim, top, bottom, cat_dim, zero_front)
+    return _HaloPad.apply(
+        x, prefix, above, below, fill_top, fill_bottom, group, dim, top, bottom, bottom_edge, cat_dim, zero_front
+    )
 
 
 def scatter_rows(

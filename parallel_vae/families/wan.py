@@ -1,19 +1,96 @@
-"""The Wan wiring: which module of a diffusers ``AutoencoderKLWan`` gets which treatment.
+"""The Wan wiring: which module of a diffusers ``AutoencoderKLWan`` gets which treatment, and why.
 
-The plan is typed data computed from the model (``plan_for``), applied by swapping each instance's class to its
-halo-aware subclass (``apply_plan``) and undone by swapping it back (``remove_plan``). Every module of the model
-is classified; a module this table does not know is an error, not a silent pass-through, so a future diffusers
-release that adds a layer with spatial reach cannot silently make results wrong.
+| module | treatment |
+| --- | --- |
+| ``WanCausalConv3d`` with a 3-row kernel (conv_in/out, resnet conv1/conv2) | ``HaloCausalConv``: one halo row each side, exchanged after the frame cache is concatenated; zeros at the global edges |
+| ``WanCausalConv3d`` with a 1-row kernel (1x1x1, ``time_conv``) | local |
+| ``WanResample`` upsample: nearest-exact 2x + ``Conv2d(3, padding=1)`` | the upsample is local; the conv becomes ``HaloConv`` |
+| ``WanResample`` downsample: ``ZeroPad2d((0, 1, 0, 1))`` + ``Conv2d(3, stride=2)`` | the pad becomes ``HaloZeroPad2d`` (one row from the rank below; zeros only on the last rank); the conv is then local |
+| ``WanAttentionBlock`` (mid blocks) | ``ShardedFrameAttention``: own queries against all-gathered keys/values of the frame |
+| ``WanRMS_norm`` (over channels), SiLU, dropout, ``AvgDown3D`` / ``DupUp3D``, patchify | local |
+
+Qwen-Image's VAE is the same architecture under other class names; its adapter reuses these treatments.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from diffusers.models.autoencoders import autoencoder_kl_wan as wan
 
-from ..core.layers import HaloCausalConv3d, HaloConv2d, HaloZeroPad2d, ShardedWanAttentionBlock, SpatialState
+from ..core.attention import sharded_sdpa
+from ..core.halo import HaloCausalConv, HaloConv, HaloZeroPad2d
+from ..core.plan import SpatialState, Treatment, classify, original_class, sharded_class, unknown_module
+from .base import FamilyAdapter, mean_std_normalization
+
+__all__ = ["WanAdapter", "ShardedFrameAttention", "causal_vae_treatment"]
+
+
+class ShardedFrameAttention:
+    """Single-head attention over each frame whose rows are sharded (``WanAttentionBlock``,
+    ``QwenImageAttentionBlock``: channel RMS norm, a 1x1 ``to_qkv`` conv, SDPA, a 1x1 ``proj``, residual).
+
+    Each rank computes queries for its own rows only, against keys and values of the whole frame, all-gathered
+    (variable sizes) in row order. The all-gather's backward reduce-scatters, so each owner receives the key/value
+    gradients that every rank's queries produced. No rank computes the whole frame's attention.
+    """
+
+    _pv_state: SpatialState
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x
+        b, c, t, h, w = x.size()
+        # (b, c, t, h, w) -> (b*t, c, h, w)
+        x = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+        x = self.norm(x)
+        qkv = self.to_qkv(x)
+        # (b*t, 3c, h, w) -> (b*t, 1, h*w, 3c)
+        qkv = qkv.reshape(b * t, 1, c * 3, -1).permute(0, 1, 3, 2).contiguous()
+        q, k, v = qkv.chunk(3, dim=-1)
+        x = sharded_sdpa(q, k, v, self._pv_state.group)
+        # (b*t, 1, h*w, c) -> (b*t, c, h, w)
+        x = x.squeeze(1).permute(0, 2, 1).reshape(b * t, c, h, w)
+        x = self.proj(x)
+        # (b*t, c, h, w) -> (b, c, t, h, w)
+        x = x.view(b, t, c, h, w).permute(0, 2, 1, 3, 4)
+        return x + identity
+
+
+def causal_vae_treatment(name, m, parents, *, causal_conv, attention, resample, modes) -> Treatment | None:
+    """The shared classification of Wan-style VAEs (Wan, Qwen-Image): a causal conv class, a per-frame attention
+    block class and a resample class whose ``resample`` Sequential holds the 2-D up/down convs."""
+    cls = original_class(m)
+    parent = parents.get(id(m))
+    if cls is attention:
+        return Treatment(name, sharded_class(ShardedFrameAttention, cls), "attention: own queries, gathered keys/values")
+    if cls is causal_conv:
+        kh = m.kernel_size[1]
+        if kh == 1:
+            return None  # 1x1x1 convs and time_conv (3, 1, 1): local
+        if kh == 3 and m._padding[2] == m._padding[3] == 1 and m.stride[1] == 1:
+            return Treatment(name, sharded_class(HaloCausalConv, cls), "3-row causal conv: one halo row each side")
+        raise unknown_module(name, m)
+    grand = parents.get(id(parent)) if isinstance(parent, nn.Sequential) else None
+    in_resample = isinstance(grand, resample) and grand.mode in modes
+    if cls is nn.ZeroPad2d:
+        if in_resample and grand.mode.startswith("downsample") and tuple(m.padding) == (0, 1, 0, 1):
+            return Treatment(name, sharded_class(HaloZeroPad2d, cls), "downsample pad: bottom row from the rank below")
+        raise unknown_module(name, m)
+    if cls is nn.Conv2d:
+        kh = m.kernel_size[0]
+        if kh == 1 and m.stride[0] == 1:
+            return None  # attention to_qkv / proj
+        if in_resample and grand.mode.startswith("upsample"):
+            if kh == 3 and m.padding[0] == 1 and m.stride[0] == 1 and m.padding_mode == "zeros":
+                return Treatment(name, sharded_class(HaloConv, cls), "3x3 conv after 2x upsample: one halo row each side")
+        if in_resample and grand.mode.startswith("downsample"):
+            if kh == 3 and m.padding[0] == 0 and m.stride[0] == 2:
+                return None  # its input already carries the halo row (see HaloZeroPad2d)
+    raise unknown_module(name, m)
+
+
+_MODES = ("none", "upsample2d", "upsample3d", "downsample2d", "downsample3d")
 
 # Modules that act per pixel (channels, time, or within a row pair that shards keep together): no change.
 _LOCAL = (
@@ -40,105 +117,65 @@ _CONTAINERS = (
 )
 
 
-@dataclass(frozen=True)
-class Treatment:
-    """One entry of a plan: the module at ``name`` becomes an instance of ``cls``."""
-
-    name: str
-    cls: type
-    reason: str
-
-
-def _conv_treatment(name: str, m: nn.Module, parent: nn.Module | None) -> Treatment | None:
-    if isinstance(m, wan.WanCausalConv3d):
-        kh = m.kernel_size[1]
-        if kh == 1:
-            return None  # 1x1x1 convs and time_conv (3, 1, 1): local
-        if kh == 3 and m._padding[2] == m._padding[3] == 1 and m.stride[1] == 1:
-            return Treatment(name, HaloCausalConv3d, "3-row causal conv: one halo row each side")
-    elif type(m) is nn.Conv2d:
-        kh = m.kernel_size[0]
-        if kh == 1 and m.stride[0] == 1:
-            return None  # attention to_qkv / proj
-        if isinstance(parent, wan.WanResample) and parent.mode.startswith("upsample"):
-            if kh == 3 and m.padding[0] == 1 and m.stride[0] == 1 and m.padding_mode == "zeros":
-                return Treatment(name, HaloConv2d, "3x3 conv after 2x upsample: one halo row each side")
-        if isinstance(parent, wan.WanResample) and parent.mode.startswith("downsample"):
-            if kh == 3 and m.padding[0] == 0 and m.stride[0] == 2:
-                return None  # its input already carries the halo row (see HaloZeroPad2d)
-    raise NotImplementedError(f"parallel_vae does not know how to shard {name} ({m!r})")
-
-
-def plan_for(vae: nn.Module) -> list[Treatment]:
-    """The treatment of every module of ``vae`` that needs one; raises for a module it does not know."""
-    if not isinstance(vae, wan.AutoencoderKLWan):
-        raise TypeError(f"expected a diffusers AutoencoderKLWan, got {type(vae).__name__}")
-    parents = {id(c): p for p in vae.modules() for c in p.children()}
-    plan = []
+def check_resample_modes(vae: nn.Module, resample: type) -> None:
     for name, m in vae.named_modules():
-        original = getattr(m, "_pv_original_class", type(m))
-        # Exact types: a subclass may override forward with spatial reach we have not read.
-        if original in _CONTAINERS or m is vae:
-            if original is wan.WanResample and m.mode not in (
-                "none",
-                "upsample2d",
-                "upsample3d",
-                "downsample2d",
-                "downsample3d",
-            ):
-                raise NotImplementedError(f"unknown WanResample mode {m.mode!r} at {name}")
-            continue
-        if original is wan.WanAttentionBlock:
-            plan.append(Treatment(name, ShardedWanAttentionBlock, "attention: own queries, all-gathered keys/values"))
-        elif original is nn.ZeroPad2d:
-            parent = parents.get(id(m))
-            pad = tuple(m.padding)
-            if not (isinstance(parent, nn.Sequential) and pad == (0, 1, 0, 1)):
-                raise NotImplementedError(f"parallel_vae does not know how to shard {name} ({m!r})")
-            plan.append(Treatment(name, HaloZeroPad2d, "downsample pad: bottom row from the rank below"))
-        elif original in _LOCAL:
-            continue
-        else:
-            # The Conv2d inside WanResample.resample has the Sequential as parent; classify by its grandparent.
-            parent = parents.get(id(m))
-            grand = parents.get(id(parent)) if isinstance(parent, nn.Sequential) else parent
-            t = _conv_treatment(name, m, grand)
-            if t is not None:
-                plan.append(t)
-    return plan
+        if original_class(m) is resample and m.mode not in _MODES:
+            raise NotImplementedError(f"unknown {resample.__name__} mode {m.mode!r} at {name}")
 
 
-def apply_plan(vae: nn.Module, plan: list[Treatment], state: SpatialState) -> None:
-    """Swap every planned module to its halo-aware class, in place (parameters and keys unchanged)."""
-    modules = dict(vae.named_modules())
-    for t in plan:
-        m = modules[t.name]
-        if not hasattr(m, "_pv_original_class"):
-            m._pv_original_class = type(m)
-        m.__class__ = t.cls
-        m._pv_state = state
+class WanAdapter(FamilyAdapter):
+    name = "wan"
+    model_class = wan.AutoencoderKLWan
+    video = True
+
+    def plan(self, vae):
+        check_resample_modes(vae, wan.WanResample)
+
+        def treat(name, m, parents):
+            return causal_vae_treatment(
+                name, m, parents, causal_conv=wan.WanCausalConv3d, attention=wan.WanAttentionBlock,
+                resample=wan.WanResample, modes=_MODES,
+            )
+
+        return classify(vae, _CONTAINERS, _LOCAL, treat)
+
+    def spatial_factor(self, vae) -> int:
+        """2**(number of spatial downsamples) x patch size (8 for Wan2.1, 16 for Wan2.2)."""
+        cfg = vae.config
+        return 2 ** (len(cfg.dim_mult) - 1) * (cfg.patch_size or 1)
+
+    def latent_channels(self, vae) -> int:
+        return int(vae.config.z_dim)
+
+    def pixel_channels(self, vae) -> int:
+        """Channels of the pixel video (before Wan2.2's patchify folds patch_size**2 pixels into channels)."""
+        p = vae.config.patch_size or 1
+        return int(vae.config.in_channels) // (p * p)
+
+    def checkpointed_blocks(self, vae):
+        blocks = [(f"encoder.down_blocks.{i}", b) for i, b in enumerate(vae.encoder.down_blocks)]
+        blocks.append(("encoder.mid_block", vae.encoder.mid_block))
+        blocks.append(("decoder.mid_block", vae.decoder.mid_block))
+        blocks += [(f"decoder.up_blocks.{i}", b) for i, b in enumerate(vae.decoder.up_blocks)]
+        return blocks
+
+    def enable_checkpointing(self, vae) -> None:
+        from ..checkpointing import enable_cache_checkpointing
+
+        enable_cache_checkpointing(self.checkpointed_blocks(vae))
+
+    def disable_checkpointing(self, vae) -> None:
+        from ..checkpointing import disable_cache_checkpointing
+
+        disable_cache_checkpointing(self.checkpointed_blocks(vae))
+
+    def denormalize(self, vae, z):
+        mean, std = mean_std_normalization(vae, z)
+        return z * std + mean
+
+    def normalize(self, vae, z):
+        mean, std = mean_std_normalization(vae, z)
+        return (z - mean) / std
 
 
-def remove_plan(vae: nn.Module) -> None:
-    """Restore every swapped module's original class."""
-    for m in vae.modules():
-        original = m.__dict__.pop("_pv_original_class", None)
-        if original is not None:
-            m.__class__ = original
-            m.__dict__.pop("_pv_state", None)
-
-
-def spatial_factor(vae: nn.Module) -> int:
-    """Pixel rows per latent row: 2**(number of spatial downsamples) x patch size (8 for Wan2.1, 16 for Wan2.2)."""
-    cfg = vae.config
-    return 2 ** (len(cfg.dim_mult) - 1) * (cfg.patch_size or 1)
-
-
-def latent_channels(vae: nn.Module) -> int:
-    return int(vae.config.z_dim)
-
-
-def pixel_channels(vae: nn.Module) -> int:
-    """Channels of the pixel video (before Wan2.2's patchify folds patch_size**2 pixels into channels)."""
-    p = vae.config.patch_size or 1
-    return int(vae.config.in_channels) // (p * p)
+ADAPTER = WanAdapter()

@@ -37,7 +37,7 @@ from ..pipeline import decode_video, encode_video
 from .runtime import Runtime, UsageError, start_tracking
 from ..core.sharding import nearest_valid, row_split
 from .video import demo_video, read_video, write_video
-from ..families.wan import latent_channels, pixel_channels, spatial_factor
+from ..families import latent_channels, pixel_channels, spatial_factor
 
 __all__ = ["AUTO_MIN_WORK_PER_RANK", "ParallelPlan", "plan_parallel", "DecodeInput", "read_input", "run_decode"]
 

@@ -36,7 +36,7 @@ from diffusers.utils import logging as diffusers_logging
 
 from ..errors import InputError
 from .models import build_wan_vae, wan_config
-from ..families.wan import latent_channels, spatial_factor
+from ..families import latent_channels, spatial_factor
 
 __all__ = [
     "DEFAULT_VAE_DIR",

@@ -196,3 +196,115 @@ def cast_quietly(vae: AutoencoderKLWan, dtype: torch.dtype) -> AutoencoderKLWan:
         return vae.to(dtype)
     finally:
         diffusers_logging.set_verbosity(level)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Seeded models of every supported family (the real layouts; only the channel widths are small)
+# ---------------------------------------------------------------------------------------------------------------
+
+# The real configs (diffusers' defaults or the released checkpoints' vae/config.json), keyed by the layout name that
+# recipes take in ``--seeded LAYOUT:...``. Each entry: (diffusers class name, config).
+_KL_BLOCKS = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512],
+    layers_per_block=2,
+    act_fn="silu",
+    norm_num_groups=32,
+)
+SEEDED_LAYOUTS = {
+    "wan2.1": ("AutoencoderKLWan", WAN21_CONFIG),
+    "wan2.2": ("AutoencoderKLWan", WAN22_CONFIG),
+    # Stable Diffusion 1.x/2.x, SDXL, SD3 and Flux.1 differ in latent width, scaling/shift and quant convs.
+    "sd": ("AutoencoderKL", dict(_KL_BLOCKS, latent_channels=4, sample_size=512, scaling_factor=0.18215)),
+    "sdxl": ("AutoencoderKL", dict(_KL_BLOCKS, latent_channels=4, sample_size=1024, scaling_factor=0.13025)),
+    "sd3": (
+        "AutoencoderKL",
+        dict(_KL_BLOCKS, latent_channels=16, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
+             use_quant_conv=False, use_post_quant_conv=False),
+    ),
+    "flux1": (
+        "AutoencoderKL",
+        dict(_KL_BLOCKS, latent_channels=16, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
+             use_quant_conv=False, use_post_quant_conv=False),
+    ),
+    "flux2": ("AutoencoderKLFlux2", dict(_KL_BLOCKS, latent_channels=32, sample_size=1024, patch_size=[2, 2])),
+    "qwenimage": (
+        "AutoencoderKLQwenImage",
+        dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+             temperal_downsample=[False, True, True], dropout=0.0, input_channels=3),
+    ),
+    "hunyuanvideo": (
+        "AutoencoderKLHunyuanVideo",
+        dict(in_channels=3, out_channels=3, latent_channels=16, down_block_types=["HunyuanVideoDownBlock3D"] * 4,
+             up_block_types=["HunyuanVideoUpBlock3D"] * 4, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
+             act_fn="silu", norm_num_groups=32, scaling_factor=0.476986, spatial_compression_ratio=8,
+             temporal_compression_ratio=4, mid_block_add_attention=True),
+    ),
+    "hunyuanvideo15": (
+        "AutoencoderKLHunyuanVideo15",
+        dict(in_channels=3, out_channels=3, latent_channels=32, block_out_channels=[128, 256, 512, 1024, 1024],
+             layers_per_block=2, spatial_compression_ratio=16, temporal_compression_ratio=4,
+             downsample_match_channel=True, upsample_match_channel=True, scaling_factor=1.03682),
+    ),
+}  # fmt: skip
+
+
+def seeded_config(layout: str, width: Optional[int] = None, latent: Optional[int] = None) -> tuple[str, dict]:
+    """(diffusers class name, config) of ``layout`` at base channel width ``width`` and ``latent`` latent channels.
+
+    ``width`` replaces the first block's channels; the others keep the real ratios. Families with GroupNorm keep
+    the real group count where the width allows, else halve it until every group has at least 2 channels of the
+    first block, so statistics still span several channels. Latent statistics of a changed latent width become
+    identity (zeros / ones) of the right length.
+    """
+    if layout not in SEEDED_LAYOUTS:
+        raise ValueError(f"unknown seeded layout {layout!r}; choose one of {sorted(SEEDED_LAYOUTS)}")
+    cls_name, base = SEEDED_LAYOUTS[layout]
+    if cls_name == "AutoencoderKLWan":
+        return cls_name, wan_config(layout, base_dim=width, z_dim=latent)
+    cfg = {k: (list(v) if isinstance(v, list) else v) for k, v in base.items()}
+    if width is not None:
+        if "base_dim" in cfg:
+            cfg["base_dim"] = width
+        else:
+            ratios = [c // cfg["block_out_channels"][0] for c in cfg["block_out_channels"]]
+            cfg["block_out_channels"] = [width * r for r in ratios]
+            if "norm_num_groups" in cfg:
+                groups = cfg["norm_num_groups"]
+                while width % groups or width // groups < 2:
+                    groups //= 2
+                cfg["norm_num_groups"] = max(groups, 1)
+    if latent is not None:
+        key = "z_dim" if "z_dim" in cfg else "latent_channels"
+        if latent != cfg[key] and cls_name == "AutoencoderKLQwenImage":
+            cfg["latents_mean"], cfg["latents_std"] = [0.0] * latent, [1.0] * latent
+        cfg[key] = latent
+    return cls_name, cfg
+
+
+def build_seeded_vae(
+    layout: str,
+    *,
+    width: Optional[int] = None,
+    latent: Optional[int] = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    perturb: float = 0.0,
+):
+    """A seeded VAE of any supported family's real layout (``SEEDED_LAYOUTS``); identical weights in every process
+    for the same arguments. ``perturb`` adds seeded uniform noise to every parameter (norm scales that are not 1
+    and biases that are not 0, so a wrong statistic or a dropped gradient shows)."""
+    import diffusers
+
+    cls_name, cfg = seeded_config(layout, width, latent)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = getattr(diffusers, cls_name)(**cfg)
+        if perturb:
+            with torch.no_grad():
+                for name, p in vae.named_parameters():
+                    p.add_(torch.rand_like(p).sub_(0.5).mul_(2 * perturb))
+    return cast_quietly(vae, dtype).eval()

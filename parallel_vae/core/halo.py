@@ -1,0 +1,316 @@
+"""Halo layers: convolutions, pads and resizes that read neighbouring rows, on row shards.
+
+Each class here is a *mixin* that supplies ``forward`` for a layer class it stands in for; the plan installs
+``sharded_class(mixin, type(module))`` by swapping the instance's ``__class__`` (see :mod:`.plan`), so parameters,
+buffers, ``state_dict`` keys, hooks and ``isinstance`` checks are untouched and disabling restores the class.
+Rows are dim -2 of every tensor (4-D images (B, C, H, W) and 5-D videos (B, C, T, H, W)).
+
+The arithmetic of a convolution's halo (``conv_halo``): a kernel of height k, dilation d and stride s with p_top
+rows of padding above needs, for the output rows of a shard that starts on a multiple of s,
+
+* p_top rows above: the rank above's last rows, or the layer's own padding at the global top;
+* d (k - 1) - p_top - (s - 1) rows below from the rank below (inner boundary), or the layer's own p_bottom rows
+  of padding at the global bottom.
+
+The padding at the global edges is exactly the layer's own (zeros, replicate, reflect or constant, or a sequence
+of them, e.g. HunyuanVideo's replicate pad followed by the convolution's zero pad): the edge rank builds those rows
+from its own rows with the same ``F.pad`` the layer uses, so their gradient flows back through the same op.
+
+The oneDNN note (``_conv``) is why the convolutions call a kernel directly.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .comm import group_rank, group_size, halo_pad
+from .plan import SpatialState
+from .sharding import ShardingError
+
+__all__ = [
+    "conv_halo",
+    "edge_rows",
+    "halo_rows",
+    "halo_for_conv",
+    "halo_interpolate",
+    "HaloConv",
+    "HaloCausalConv",
+    "HaloPadConv",
+    "HaloZeroPad2d",
+    "HaloDownsample2D",
+]
+
+# (mode, rows, value) applied innermost first, e.g. (("replicate", 1, 0.0), ("zeros", 1, 0.0)).
+PadSpec = Sequence[tuple]
+
+
+def _onednn(x: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+    )
+
+
+def _conv(x: torch.Tensor, weight, bias, stride, padding, dilation, groups) -> torch.Tensor:
+    """``F.conv3d`` / ``F.conv2d``, but float32 on CPU always runs oneDNN.
+
+    aten picks the kernel of a batch-1 convolution from N*C*T*H (3-D) and sends it to the slow native kernel
+    below 20480, ignoring the width. A row shard crosses that line where the whole frame did not (the first
+    chunk's 3-frame causal window at 64 of 128 rows: 96*3*66 < 20480), and the native kernel is 2-7x slower there
+    (one thread, Wan2.1 widths). oneDNN computes the same convolution; float32 results agree to rounding.
+    """
+    if _onednn(x):
+        return torch.mkldnn_convolution(x, weight, bias, padding, stride, dilation, groups)
+    conv = F.conv3d if x.dim() == 5 else F.conv2d
+    return conv(x, weight, bias, stride, padding, dilation, groups)
+
+
+def conv_halo(kernel: int, stride: int, dilation: int, pad_top: int, pad_bottom: int) -> tuple[int, int, int]:
+    """(rows above, rows below from the rank below, rows of padding below at the global bottom) for a convolution
+    along the rows with this geometry; see the module docstring."""
+    reach = dilation * (kernel - 1)
+    # Negative: my outputs never read my last -inner rows (the next rank's first output does, as its top halo).
+    inner = reach - pad_top - (stride - 1)
+    return pad_top, inner, pad_bottom
+
+
+def _pad_rows_of(x: torch.Tensor, top: int, bottom: int, mode: str, value: float) -> torch.Tensor:
+    # F.pad's non-constant modes pad the last 1-3 dims as a whole: name every spatial dim, rows = dim -2.
+    pad = [0, 0, top, bottom] + [0, 0] * (x.dim() - 4)
+    if mode in ("zeros", "constant"):
+        return F.pad(x, pad, mode="constant", value=0.0 if mode == "zeros" else value)
+    return F.pad(x, pad, mode=mode)
+
+
+def _is_zero(spec: PadSpec) -> bool:
+    return all(mode == "zeros" or (mode == "constant" and value == 0) for mode, _, value in spec)
+
+
+def edge_rows(x: torch.Tensor, spec: PadSpec, side: str) -> torch.Tensor:
+    """The padding rows the layer itself would put above (``side='top'``) or below ``x``: ``spec`` applied in
+    order to ``x``'s edge rows with ``F.pad``, differentiable (replicate/reflect gradients flow to ``x``)."""
+    total = sum(n for _, n, _ in spec)
+    take = min(x.shape[-2], total + 1)  # reflect of n rows reads n + 1 rows; replicate reads 1
+    part = x.narrow(-2, 0, take) if side == "top" else x.narrow(-2, x.shape[-2] - take, take)
+    for mode, n, value in spec:
+        if n:
+            part = _pad_rows_of(part, n, 0, mode, value) if side == "top" else _pad_rows_of(part, 0, n, mode, value)
+    return part.narrow(-2, 0, total) if side == "top" else part.narrow(-2, part.shape[-2] - total, total)
+
+
+def halo_rows(
+    x: torch.Tensor,
+    group,
+    top: int,
+    bottom: int,
+    bottom_edge: Optional[int] = None,
+    top_spec: PadSpec = (),
+    bottom_spec: PadSpec = (),
+) -> torch.Tensor:
+    """forward: ``x`` with ``top`` rows from the rank above and ``bottom`` rows from the rank below attached along
+    dim -2; at the global top the layer's own padding ``top_spec`` (``top`` rows in all), at the global bottom
+    ``bottom_spec`` (``bottom_edge`` rows, default ``bottom``); backward: halo gradients go back to their owners,
+    padding gradients through the padding op.
+
+    With one rank this is exactly the layer's padding."""
+    bottom_edge = bottom if bottom_edge is None else bottom_edge
+    rank, size = group_rank(group), group_size(group)
+    if size == 1:
+        out = x
+        for mode, n, value in top_spec:
+            out = _pad_rows_of(out, n, 0, mode, value)
+        for mode, n, value in bottom_spec:
+            out = _pad_rows_of(out, 0, n, mode, value)
+        return out
+    fill_top = edge_rows(x, top_spec, "top") if rank == 0 and top and not _is_zero(top_spec) else None
+    fill_bottom = (
+        edge_rows(x, bottom_spec, "bottom") if rank == size - 1 and bottom_edge and not _is_zero(bottom_spec) else None
+    )
+    return halo_pad(x, group, dim=-2, top=top, bottom=bottom, bottom_edge=bottom_edge, fill_top=fill_top, fill_bottom=fill_bottom)
+
+
+def halo_for_conv(
+    x: torch.Tensor,
+    group,
+    kernel: int,
+    stride: int,
+    dilation: int,
+    pad_top: int,
+    pad_bottom: int,
+    top_spec: PadSpec = (),
+    bottom_spec: PadSpec = (),
+) -> torch.Tensor:
+    """``x`` with exactly the rows a convolution of this row geometry needs for this rank's output rows (halos from
+    the neighbours, the layer's own padding at the global edges); an unpadded conv along the rows then gives this
+    rank's outputs, ``rows / stride`` of them on every rank but the last."""
+    _check_aligned(x.shape[-2], stride, group)
+    top, inner, edge = conv_halo(kernel, stride, dilation, pad_top, pad_bottom)
+    y = halo_rows(x, group, top, max(inner, 0), edge, top_spec, bottom_spec)
+    if inner < 0 and group_rank(group) < group_size(group) - 1:
+        y = y.narrow(-2, 0, y.shape[-2] + inner)
+    return y
+
+
+def _check_aligned(rows: int, stride: int, group) -> None:
+    if stride > 1 and group_rank(group) < group_size(group) - 1 and rows % stride:
+        raise ShardingError(
+            f"a shard of {rows} rows is not aligned to a stride-{stride} layer; shards must be split in latent rows"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mixins (installed with plan.sharded_class(mixin, type(module)))
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class HaloConv:
+    """``nn.Conv2d`` / ``nn.Conv3d`` with its own padding (any mode but circular): the rows' padding becomes a halo.
+
+    Width (and time) padding stays the layer's own: zeros go to the kernel as padding, other modes are applied with
+    ``F.pad`` first, exactly as ``nn.ConvNd`` does for them."""
+
+    _pv_state: SpatialState
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        group = self._pv_state.group
+        kh, sh, dh, ph = self.kernel_size[-2], self.stride[-2], self.dilation[-2], self.padding[-2]
+        mode = self.padding_mode
+        other = list(self.padding)
+        other[-2] = 0
+        if mode != "zeros":
+            # nn.ConvNd pads non-zero modes with F.pad over every spatial dim; do that for all but the rows.
+            pad = []
+            for p in reversed(other):
+                pad += [p, p]
+            x = F.pad(x, pad, mode=mode)
+            other = [0] * len(other)
+        spec = ((mode, ph, 0.0),)
+        x = halo_for_conv(x, group, kh, sh, dh, ph, ph, spec, spec)
+        return _conv(x, self.weight, self.bias, self.stride, tuple(other), self.dilation, self.groups)
+
+
+class HaloPadConv:
+    """A module that pads with ``F.pad(x, self.time_causal_padding, mode=self.pad_mode)`` and then runs
+    ``self.conv`` (HunyuanVideo's and HunyuanVideo-1.5's causal 3-D convs): the row part of both paddings becomes
+    one halo; the edge ranks pad as the layer does (its pad mode, then the conv's own zero padding)."""
+
+    _pv_state: SpatialState
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        group = self._pv_state.group
+        conv = self.conv
+        # time_causal_padding = (w_left, w_right, h_top, h_bottom, t_front, t_back), F.pad order
+        wl, wr, ht, hb, tf, tb = self.time_causal_padding
+        x = F.pad(x, (wl, wr, 0, 0, tf, tb), mode=self.pad_mode)
+        kh, sh, dh, ph = conv.kernel_size[1], conv.stride[1], conv.dilation[1], conv.padding[1]
+        top_spec = ((self.pad_mode, ht, 0.0), ("zeros", ph, 0.0))
+        bottom_spec = ((self.pad_mode, hb, 0.0), ("zeros", ph, 0.0))
+        x = halo_for_conv(x, group, kh, sh, dh, ht + ph, hb + ph, top_spec, bottom_spec)
+        pad = (conv.padding[0], 0, conv.padding[2])
+        return _conv(x, conv.weight, conv.bias, conv.stride, pad, conv.dilation, conv.groups)
+
+
+class HaloCausalConv:
+    """A causal 3-D conv with a frame cache (``WanCausalConv3d``, ``QwenImageCausalConv3d``: ``_padding`` =
+    (w, w, h, h, t, 0), zero padding, ``forward(x, cache_x)``): the rows above and below come from the neighbours.
+
+    The halo covers the cached frames too. Their halo rows travelled with the previous chunk (the cache is the
+    tail of this conv's previous input), so without autograd they are remembered and not sent again.
+    """
+
+    _pv_state: SpatialState
+    CACHE_T = 2  # frames the diffusers encoders/decoders keep per causal conv (both families' CACHE_T)
+
+    def forward(self, x, cache_x=None) -> torch.Tensor:
+        w_pad, _, top, bottom, front, _ = self._padding
+        state = self._pv_state
+        kh, sh = self.kernel_size[1], self.stride[1]
+        if kh != 2 * top + 1 or top != bottom or sh != 1:
+            raise NotImplementedError(f"causal conv with row kernel {kh}, padding {top}/{bottom}, stride {sh}")
+        prefix = None
+        if cache_x is not None and front > 0:
+            prefix = cache_x.to(x.device)
+            front -= prefix.shape[2]
+            if front < 0:
+                raise RuntimeError(f"a cache of {prefix.shape[2]} frames is longer than the causal padding")
+        # step 1: which halo rows are known. diffusers' encoder and decoder build every conv's cache as the last
+        # CACHE_T frames of that conv's input stream (the previous chunk, or the one before and the previous),
+        # and clear the caches at the first chunk (cache None), which resets what is remembered here. All ranks
+        # run the same calls with the same shapes (bar the rows), so they decide alike and the sends pair up.
+        # With autograd on, nothing is remembered: gradient checkpointing re-runs chunks out of order.
+        remember = not torch.is_grad_enabled()
+        known = state.tails.get(self) if remember and prefix is not None else None
+        if known is not None:
+            n = prefix.shape[2]
+            above, below = known
+            fits = above.shape[2] >= n and above.shape[:2] == prefix.shape[:2] and above.shape[4] == prefix.shape[4]
+            known = (above[:, :, -n:], below[:, :, -n:]) if fits and above.dtype == prefix.dtype else None
+        # step 2: one buffer: the causal zero frames, the cached frames and this chunk along time; the rows of the
+        # neighbours above and below (zeros at the global edges) along height.
+        x = halo_pad(
+            x, state.group, dim=3, top=top, bottom=bottom, prefix=prefix, cat_dim=2, zero_front=front, prefix_halo=known
+        )
+        if remember:
+            # (b, c, k, top + rows + bottom, w) -> the halo rows of the last k frames: the next chunk's cache.
+            k = min(self.CACHE_T, x.shape[2] - front)
+            tail = x.narrow(2, x.shape[2] - k, k)
+            state.tails[self] = (tail.narrow(3, 0, top).clone(), tail.narrow(3, x.shape[3] - bottom, bottom).clone())
+        else:
+            state.tails.pop(self, None)
+        # step 3: convolve; the width padding is the convolution's own (zeros, symmetric), so it costs no copy.
+        return _conv(x, self.weight, self.bias, self.stride, (0, 0, w_pad), self.dilation, self.groups)
+
+
+class HaloZeroPad2d:
+    """The ``ZeroPad2d((0, 1, 0, 1))`` before a stride-2, 3-row, unpadded conv (Wan's and Qwen-Image's
+    downsample): width padding stays local; the bottom row is the first row of the rank below, and only the global
+    last rank pads with zeros. That one row is exactly the conv's inner halo (conv_halo(3, 2, 1, 0, 1) = (0, 1, 1))."""
+
+    _pv_state: SpatialState
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        left, right, top, bottom = self.padding
+        _check_aligned(x.shape[-2], 2, self._pv_state.group)
+        x = F.pad(x, (left, right, 0, 0))
+        return halo_rows(x, self._pv_state.group, top, bottom)
+
+
+class HaloDownsample2D:
+    """diffusers ``Downsample2D`` with ``use_conv`` and ``padding=0``: its ``F.pad(x, (0, 1, 0, 1))`` + 3x3
+    stride-2 conv. The bottom pad row becomes the first row of the rank below (zeros on the global last rank)."""
+
+    _pv_state: SpatialState
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        group = self._pv_state.group
+        x = hidden_states
+        conv = self.conv
+        x = F.pad(x, (0, 1, 0, 0), mode="constant", value=0)
+        x = halo_for_conv(x, group, conv.kernel_size[0], conv.stride[0], conv.dilation[0], 0, 1)
+        return conv(x)
+
+
+def halo_interpolate(x: torch.Tensor, group, scale: int, mode: str = "bilinear") -> torch.Tensor:
+    """forward: ``F.interpolate(x, scale_factor=scale, mode=mode, align_corners=False)`` of the whole tensor, this
+    rank's output rows (``scale`` x its input rows); backward: the same through the halo exchange.
+
+    A linear resize by an integer factor reads, for each output row, the input row it falls in and one neighbour
+    (clamped at the global edges). One halo row each side (replicate at the global edges, which is the clamp) gives
+    every output row of this rank its inputs; the padded rows' outputs are cropped. Nearest is local and needs none.
+    """
+    if mode == "nearest":
+        return F.interpolate(x, scale_factor=scale, mode=mode)
+    if mode not in ("bilinear", "linear", "trilinear", "bicubic"):
+        raise NotImplementedError(f"resize mode {mode!r}")
+    reach = 2 if mode == "bicubic" else 1
+    spec = (("replicate", reach, 0.0),)
+    padded = halo_rows(x, group, reach, reach, reach, spec, spec)
+    factors = [1] * (x.dim() - 4) + [scale, scale] if mode != "bilinear" or x.dim() == 4 else [1, scale, scale]
+    out = F.interpolate(padded, scale_factor=factors if x.dim() > 4 else scale, mode=mode, align_corners=False)
+    return out.narrow(-2, reach * scale, x.shape[-2] * scale)

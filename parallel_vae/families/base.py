@@ -1,0 +1,124 @@
+"""What a family adapter tells the family-agnostic API about one diffusers VAE class.
+
+An adapter is a small object: the module table (``plan``), the geometry (rows per latent row, channels, tensor
+rank), and how to call the class's own encoder and decoder on this rank's rows (``encode_local`` /
+``decode_local``, which run the class's own ``_encode`` / ``_decode``, so its own frame batching, caches and
+temporal tiling run unchanged). The public API in :mod:`parallel_vae.api` does everything else the same way for
+every family.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from diffusers.models.autoencoders.vae import DecoderOutput
+
+from ..core.plan import Treatment
+
+__all__ = ["FamilyAdapter"]
+
+
+class FamilyAdapter:
+    """Base class: one instance per family, registered in :mod:`parallel_vae.families`."""
+
+    #: short name used by recipes (``--seeded NAME:...``) and benchmarks (``--family NAME``)
+    name: str = ""
+    #: the diffusers class (exact type; subclasses may override forward with spatial reach we have not read)
+    model_class: type = nn.Module
+    #: 5-D (B, C, T, H, W) videos or 4-D (B, C, H, W) images
+    video: bool = True
+    #: whether the class's ``_decode`` returns ``DecoderOutput`` / tuple (``return_dict``) or a bare tensor
+    decode_returns_output: bool = True
+
+    # --- the module table -----------------------------------------------------------------------------------
+    def plan(self, vae: nn.Module) -> list[Treatment]:
+        """The treatment of every module of ``vae`` that needs one; raises for a module it does not know."""
+        raise NotImplementedError
+
+    # --- geometry -------------------------------------------------------------------------------------------
+    def spatial_factor(self, vae: nn.Module) -> int:
+        """Pixel rows per latent row."""
+        raise NotImplementedError
+
+    def latent_channels(self, vae: nn.Module) -> int:
+        raise NotImplementedError
+
+    def pixel_channels(self, vae: nn.Module) -> int:
+        return int(vae.config.in_channels)
+
+    @property
+    def ndim(self) -> int:
+        return 5 if self.video else 4
+
+    def check_frames(self, vae: nn.Module, frames: int, latent: bool) -> Optional[str]:
+        """A message if ``frames`` cannot be encoded/decoded by this family (None if fine). Video families only."""
+        return None
+
+    # --- the class's own encoder/decoder on local rows ----------------------------------------------------------
+    def encode_local(self, vae: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The class's own ``_encode`` (posterior moments) on this rank's rows."""
+        return type(vae)._encode(vae, x)
+
+    def decode_local(self, vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
+        """The class's own ``_decode`` on this rank's latent rows, as a tensor."""
+        if self.decode_returns_output:
+            return type(vae)._decode(vae, z, return_dict=False)[0]
+        return type(vae)._decode(vae, z)
+
+    def wrap_decoded(self, sample: torch.Tensor, return_dict: bool = True):
+        """The value the class's own ``_decode`` returns for ``sample``."""
+        if not self.decode_returns_output:
+            return sample
+        return DecoderOutput(sample=sample) if return_dict else (sample,)
+
+    # --- tiling and activation checkpointing ----------------------------------------------------------------
+    def tiling_enabled(self, vae: nn.Module) -> bool:
+        return bool(getattr(vae, "use_tiling", False))
+
+    def checkpointed_blocks(self, vae: nn.Module) -> list[tuple[str, nn.Module]]:
+        """Blocks whose activations :func:`parallel_vae.enable_gradient_checkpointing` recomputes in backward."""
+        return []
+
+    def enable_checkpointing(self, vae: nn.Module) -> None:
+        """Default: diffusers' own gradient checkpointing, where the class supports it (halo exchanges inside a
+        recomputed block run again in backward on every rank in the same order, so they pair up)."""
+        if not getattr(vae, "_supports_gradient_checkpointing", False):
+            raise NotImplementedError(f"{type(vae).__name__} has no activation checkpointing in parallel_vae")
+        vae.enable_gradient_checkpointing()
+
+    def disable_checkpointing(self, vae: nn.Module) -> None:
+        if getattr(vae, "_supports_gradient_checkpointing", False):
+            vae.disable_gradient_checkpointing()
+
+    # --- latent normalization (what pipelines apply; recipes' --latents_normalized undoes it) ---------------------
+    def denormalize(self, vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
+        """Pipeline-normalized latents -> the latents ``vae.decode`` takes."""
+        raise NotImplementedError
+
+    def normalize(self, vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`denormalize`."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} for {self.model_class.__name__}>"
+
+
+def scaling_shift_normalization(vae: nn.Module) -> tuple[float, float]:
+    """(scaling_factor, shift_factor) from the config: pipelines use ``(z - shift) * scale``."""
+    cfg = vae.config
+    scale = getattr(cfg, "scaling_factor", None)
+    shift = getattr(cfg, "shift_factor", None)
+    return (1.0 if scale is None else float(scale)), (0.0 if shift is None else float(shift))
+
+
+def mean_std_normalization(vae: nn.Module, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) broadcastable over (B, C, T, H, W) from the config's ``latents_mean`` / ``latents_std``."""
+    cfg = vae.config
+    c = z.shape[1]
+    shape = (1, c) + (1,) * (z.dim() - 2)
+    mean = torch.tensor(cfg.latents_mean, dtype=z.dtype, device=z.device).reshape(shape)
+    std = torch.tensor(cfg.latents_std, dtype=z.dtype, device=z.device).reshape(shape)
+    return mean, std
+
