@@ -33,7 +33,8 @@ __all__ = [
 _FLAG = "_pv_checkpointed"
 
 
-def _checkpointed_forward(block: nn.Module, x, *args, feat_cache=None, feat_idx=None, **kwargs):
+def _checkpointed_forward(block: nn.Module, x, feat_cache=None, feat_idx=None, *args, **kwargs):
+    # Wan passes the cache by keyword, Qwen-Image positionally (x, feat_cache, feat_idx): both bind here.
     forward = type(block).forward  # the class's own forward; this function is the instance's override
     if not torch.is_grad_enabled():
         if feat_cache is None:

@@ -22,13 +22,14 @@ from .api import (
     spatial_size,
 )
 from .core.comm import group_rank
+from .families import adapter_for
 
 __all__ = ["decode_video", "encode_video"]
 
 
 @contextlib.contextmanager
 def _chunk_progress(module: torch.nn.Module, total: int, desc: str, enabled: bool):
-    """Advance a tqdm bar each time ``module`` runs (the Wan decoder runs once per latent frame, the encoder once
+    """Advance a tqdm bar each time ``module`` runs (e.g. the Wan decoder runs once per latent frame, the encoder once
     per 1 + 4k frame chunk)."""
     if not enabled:
         yield
@@ -60,11 +61,12 @@ def decode_video(
     progress: bool = False,
     grad: bool = False,
 ) -> torch.Tensor:
-    """Decode Wan latents to a video in [-1, 1] through the spatially parallel path.
+    """Decode latents to a video (or images) in [-1, 1] through the spatially parallel path.
 
     Arguments:
-        vae: an ``AutoencoderKLWan``, parallelized with :func:`enable_spatial_parallelism` or not.
-        latents: (B, z_dim, T, h, w) un-normalized latents: the whole latent on every rank of the spatial group
+        vae: a VAE of a supported family, parallelized with :func:`enable_spatial_parallelism` or not.
+        latents: (B, C, T, h, w) (videos) or (B, C, h, w) (images) un-normalized latents: the whole latent on every
+            rank of the spatial group
             (``sharded=False``), or this rank's latent rows (``sharded=True``, e.g. from ``sharded_encode``).
         sharded: whether ``latents`` holds only this rank's rows.
         gather: return the whole video on every rank (``True``) or only this rank's pixel rows (``False``).
@@ -72,13 +74,13 @@ def decode_video(
         grad: keep the autograd graph (default off: decoding for inference or validation).
 
     Returns:
-        (B, C, 1 + 4 (T - 1), h * factor, w * factor), or this rank's rows of it when ``gather=False``.
+        (B, C, [frames,] h * factor, w * factor) (Wan: 1 + 4 (T - 1) frames), or this rank's rows of it when
+        ``gather=False``.
     """
     parallel = is_spatially_parallel(vae) and spatial_size(vae) > 1
     latents = latents.to(device=vae.device, dtype=vae.dtype)
-    with torch.set_grad_enabled(grad), _chunk_progress(
-        vae.decoder, latents.shape[2], "decode", progress and group_rank(None) == 0
-    ):
+    total = adapter_for(vae).progress_total(vae, latents, decode=True)
+    with torch.set_grad_enabled(grad), _chunk_progress(vae.decoder, total, "decode", progress and group_rank(None) == 0):
         if not parallel:
             return vae.decode(latents).sample
         local = latents if sharded else shard_latents(vae, latents)
@@ -95,7 +97,7 @@ def encode_video(
     progress: bool = False,
     grad: bool = False,
 ) -> DiagonalGaussianDistribution:
-    """Encode a video in [-1, 1] (B, C, T, H, W) into the posterior over Wan latents.
+    """Encode a video (B, C, T, H, W) or images (B, C, H, W) in [-1, 1] into the posterior over latents.
 
     ``video`` is the whole video (``sharded=False``) or this rank's pixel rows (``sharded=True``); the posterior
     covers all latent rows (``gather=True``) or this rank's (``gather=False``). Other arguments as in
@@ -103,7 +105,7 @@ def encode_video(
     """
     parallel = is_spatially_parallel(vae) and spatial_size(vae) > 1
     video = video.to(device=vae.device, dtype=vae.dtype)
-    chunks = 1 + (video.shape[2] - 1) // 4
+    chunks = adapter_for(vae).progress_total(vae, video, decode=False)
     with torch.set_grad_enabled(grad), _chunk_progress(vae.encoder, chunks, "encode", progress and group_rank(None) == 0):
         if not parallel:
             return vae.encode(video).latent_dist

@@ -1,10 +1,13 @@
-"""Decode Wan latents (or round-trip a video) with the VAE split by rows over all launched processes.
+"""Decode latents (or round-trip a video or images) with the VAE split by rows over all launched processes.
 
     accelerate launch [--config_file accelerate_configs/X.yaml] recipes/decode.py [flags]
 
-Writes OUTPUT_DIR/video.mp4 (main rank, atomically) and OUTPUT_DIR/metrics.json. With no model flag it uses the
-built-in default model (parallel_vae/assets/default_vae/ if present, else a seeded model of the real Wan2.1
-layout at a small width); with no input flag, a built-in 17-frame 64x96 demo clip is encoded and decoded.
+Any supported family: Wan 2.1/2.2, Qwen-Image, HunyuanVideo, HunyuanVideo-1.5 (videos) and AutoencoderKL
+(SD/SDXL/SD3/Flux.1), Flux.2 (images); the class comes from the model's config. Writes OUTPUT_DIR/video.mp4 for
+video VAEs, OUTPUT_DIR/image.png (+ contact_sheet.png for a batch) for image VAEs (main rank, atomically) and
+OUTPUT_DIR/metrics.json. With no model flag it uses the built-in default model (parallel_vae/assets/default_vae/
+if present, else a seeded model of the real Wan2.1 layout at a small width); with no input flag, a built-in
+17-frame 64x96 demo clip is encoded and decoded (an image VAE round-trips 4 of its frames as a batch).
 
 --parallel auto: shard only when every rank gets at least --auto_threshold latent elements (batch x frames x
 rows x columns). The default threshold was measured on a shared 2-core CPU machine (no GPU, gloo, 1 thread per
@@ -67,9 +70,17 @@ def build_parser() -> ArgumentParser:
     m.add_argument(
         "--pretrained",
         metavar="PATH_OR_ID",
-        help="diffusers AutoencoderKLWan: a local save_pretrained folder or a hub id (e.g. "
-        "Wan-AI/Wan2.1-T2V-1.3B-Diffusers). For a pipeline folder/repo the VAE is in vae/: detected for local "
-        "folders, tried first for hub ids",
+        help="a diffusers VAE of any supported family (AutoencoderKLWan, AutoencoderKLQwenImage, AutoencoderKL, "
+        "AutoencoderKLFlux2, AutoencoderKLHunyuanVideo, AutoencoderKLHunyuanVideo15; the class comes from the "
+        "config's _class_name): a local save_pretrained folder or a hub id (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers). "
+        "For a pipeline folder/repo the VAE is in vae/: detected for local folders, tried first for hub ids",
+    )
+    m.add_argument(
+        "--seeded",
+        metavar="LAYOUT[:WIDTH[:LATENT]]",
+        help="a seeded, untrained model of a family's real layout at a small width, for tests and benchmarks: "
+        "LAYOUT is wan2.1, wan2.2, qwenimage, sd, sdxl, sd3, flux1, flux2, hunyuanvideo or hunyuanvideo15 "
+        "(e.g. sd:32:4)",
     )
     m.add_argument(
         "--subfolder",
@@ -79,8 +90,8 @@ def build_parser() -> ArgumentParser:
     m.add_argument(
         "--single_file",
         metavar="PATH",
-        help="single-file checkpoint (.safetensors/.pt/.pth/.ckpt), original Wan keys (Wan2.1_VAE.pth) or "
-        "diffusers keys, loaded with AutoencoderKLWan.from_single_file",
+        help="single-file checkpoint (.safetensors/.pt/.pth/.ckpt): original or diffusers key names, loaded with "
+        "the class's from_single_file. Wan files need no --config; other families need --config",
     )
     m.add_argument(
         "--config",
@@ -100,8 +111,9 @@ def build_parser() -> ArgumentParser:
     i.add_argument(
         "--latents",
         metavar="PATH",
-        help="latents (batch, z_dim, frames, rows, cols) or one sample without batch, from .safetensors, .pt/.pth, "
-        ".npy or .npz; e.g. torch.save(pipe(..., output_type='latent').frames, 'latents.pt')",
+        help="latents (batch, channels, frames, rows, cols) for video VAEs, (batch, channels, rows, cols) for image "
+        "VAEs, or one sample without batch, from .safetensors, .pt/.pth, .npy or .npz; e.g. "
+        "torch.save(pipe(..., output_type='latent').frames, 'latents.pt')",
     )
     i.add_argument(
         "--latents_key",
@@ -111,8 +123,10 @@ def build_parser() -> ArgumentParser:
     i.add_argument(
         "--latents_normalized",
         action="store_true",
-        help="the latents are normalized, as Wan pipelines return them with output_type='latent': apply "
-        "z * latents_std + latents_mean from the model config before decoding",
+        help="the latents are normalized, as pipelines return them with output_type='latent': undo it the "
+        "family's way before decoding (Wan/Qwen-Image: z * latents_std + latents_mean; AutoencoderKL: "
+        "z / scaling_factor + shift_factor; Flux.2: un-BatchNorm and unpatchify; HunyuanVideo(-1.5): "
+        "z / scaling_factor)",
     )
     i.add_argument(
         "--video",
@@ -122,13 +136,21 @@ def build_parser() -> ArgumentParser:
         "Wan2.2); frames past the last 1 + 4k are dropped",
     )
     i.add_argument("--max_frames", type=int, help="read at most this many frames of --video (or of the demo clip)")
+    i.add_argument(
+        "--image",
+        metavar="PATH",
+        nargs="+",
+        help="image file(s) (png, jpg, ...) of one size to round-trip through an image VAE (AutoencoderKL, Flux.2) "
+        "as one batch; without it an image VAE round-trips 4 frames of the demo clip",
+    )
 
     o = p.add_argument_group("output")
     o.add_argument(
         "--output_dir",
         default="outputs/decode",
-        help="receives video.mp4 (video_<i>.mp4 for further batch samples), metrics.json and, when asked, "
-        "decoded.safetensors (default: %(default)s)",
+        help="receives video.mp4 (video_<i>.mp4 for further batch samples) or, for image VAEs, image.png "
+        "(image_<i>.png) and contact_sheet.png (a batch: inputs above reconstructions for a round trip), "
+        "metrics.json and, when asked, decoded.safetensors (default: %(default)s)",
     )
     o.add_argument("--fps", type=float, default=16.0, help="frame rate of the mp4 (default: %(default)s, Wan's rate)")
     o.add_argument(

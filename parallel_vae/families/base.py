@@ -52,6 +52,26 @@ class FamilyAdapter:
     def ndim(self) -> int:
         return 5 if self.video else 4
 
+    def temporal_factor(self, vae: nn.Module) -> Optional[int]:
+        """Pixel frames per latent frame (None for image families). Default: the config's
+        ``temporal_compression_ratio`` (HunyuanVideo, HunyuanVideo-1.5)."""
+        if not self.video:
+            return None
+        return int(vae.config.temporal_compression_ratio)
+
+    def usable_frames(self, vae: nn.Module, frames: int) -> int:
+        """How many leading frames of a clip the causal encoder turns into whole latent frames (1 + k x factor)."""
+        tf = self.temporal_factor(vae) or 1
+        return 1 + (frames - 1) // tf * tf
+
+    def latent_frames(self, vae: nn.Module, frames: int) -> int:
+        tf = self.temporal_factor(vae) or 1
+        return 1 + (frames - 1) // tf
+
+    def progress_total(self, vae: nn.Module, x: torch.Tensor, decode: bool) -> Optional[int]:
+        """How many times the decoder (``decode``) or encoder runs for ``x``, for a progress bar (None: unknown)."""
+        return 1 if not self.video else None
+
     def check_frames(self, vae: nn.Module, frames: int, latent: bool) -> Optional[str]:
         """A message if ``frames`` cannot be encoded/decoded by this family (None if fine). Video families only."""
         return None

@@ -63,6 +63,13 @@ class QwenImageAdapter(FamilyAdapter):
     def pixel_channels(self, vae) -> int:
         return int(vae.config.input_channels)
 
+    def temporal_factor(self, vae) -> int:
+        return 2 ** sum(bool(t) for t in vae.temperal_downsample)
+
+    def progress_total(self, vae, x, decode: bool) -> int:
+        # the decoder runs once per latent frame, the encoder once per chunk of 1, 4, 4, ... frames
+        return x.shape[2] if decode else 1 + (x.shape[2] - 1) // self.temporal_factor(vae)
+
     def checkpointed_blocks(self, vae):
         blocks = [(f"encoder.down_blocks.{i}", b) for i, b in enumerate(vae.encoder.down_blocks)]
         blocks.append(("encoder.mid_block", vae.encoder.mid_block))

@@ -147,10 +147,17 @@ class WanAdapter(FamilyAdapter):
     def latent_channels(self, vae) -> int:
         return int(vae.config.z_dim)
 
+    def temporal_factor(self, vae) -> int:
+        return int(vae.config.scale_factor_temporal)
+
     def pixel_channels(self, vae) -> int:
         """Channels of the pixel video (before Wan2.2's patchify folds patch_size**2 pixels into channels)."""
         p = vae.config.patch_size or 1
         return int(vae.config.in_channels) // (p * p)
+
+    def progress_total(self, vae, x, decode: bool) -> int:
+        # the decoder runs once per latent frame, the encoder once per chunk of 1, 4, 4, ... frames
+        return x.shape[2] if decode else 1 + (x.shape[2] - 1) // self.temporal_factor(vae)
 
     def checkpointed_blocks(self, vae):
         blocks = [(f"encoder.down_blocks.{i}", b) for i, b in enumerate(vae.encoder.down_blocks)]

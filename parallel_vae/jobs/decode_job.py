@@ -1,6 +1,7 @@
-"""The decode job behind ``recipes/decode.py``: load the model and the input, decide whether to shard, encode and
-decode through the shared path (:func:`parallel_vae.decode_video` / :func:`parallel_vae.encode_video`), and write
-``video.mp4`` and ``metrics.json``.
+"""The decode job behind ``recipes/decode.py``: load the model (any supported family) and the input, decide
+whether to shard, encode and decode through the shared path (:func:`parallel_vae.decode_video` /
+:func:`parallel_vae.encode_video`), and write ``video.mp4`` (video families) or ``image.png`` and, for a batch,
+``contact_sheet.png`` (image families), and ``metrics.json``.
 
 Every step that can fail on bad input runs inside :meth:`Runtime.agreed`, so all ranks stop together with one
 message, before any model collective, and before anything is written. Outputs are written by the main rank only,
@@ -31,13 +32,14 @@ import torch
 from ._files import atomic_path
 from ..api import enable_spatial_parallelism
 from ..errors import InputError
-from .loading import denormalize_latents, describe_vae, load_latents, load_vae, parse_dtype
+from .loading import denormalize_latents, describe_vae, load_latents, load_vae, parse_dtype, parse_seeded
 from .metrics import peak_memory_bytes, psnr, reset_peak_memory, ssim, write_json
 from ..pipeline import decode_video, encode_video
 from .runtime import Runtime, UsageError, start_tracking
 from ..core.sharding import nearest_valid, row_split
-from .video import demo_video, read_video, write_video
-from ..families import latent_channels, pixel_channels, spatial_factor
+from .models import build_seeded_vae
+from .video import contact_sheet, demo_video, read_image, read_video, write_image, write_video
+from ..families import adapter_for, latent_channels, pixel_channels, spatial_factor
 
 __all__ = ["AUTO_MIN_WORK_PER_RANK", "ParallelPlan", "plan_parallel", "DecodeInput", "read_input", "run_decode"]
 
@@ -46,6 +48,8 @@ __all__ = ["AUTO_MIN_WORK_PER_RANK", "ParallelPlan", "plan_parallel", "DecodeInp
 AUTO_MIN_WORK_PER_RANK = 64
 
 DEMO_SHAPE = dict(frames=17, height=64, width=96)
+# Image families round-trip 4 frames of the demo clip as a batch of images (and so write a contact sheet).
+DEMO_IMAGE_FRAMES = (0, 5, 10, 15)
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,7 @@ class ParallelPlan:
 def plan_parallel(
     mode: str, latent_shape: tuple, world: int, threshold: int = AUTO_MIN_WORK_PER_RANK, factor: int = 8
 ) -> ParallelPlan:
-    """Decide whether to shard latents of ``latent_shape`` (B, C, T, h, w) over ``world`` ranks.
+    """Decide whether to shard latents of ``latent_shape`` (B, C, T, h, w) or (B, C, h, w) over ``world`` ranks.
 
     Pure arithmetic on values every rank agrees on, so every rank reaches the same decision. ``factor`` (pixel
     rows per latent row) only appears in messages. Raises :class:`InputError` for ``on`` when there are fewer
@@ -70,8 +74,9 @@ def plan_parallel(
     """
     if mode not in ("auto", "on", "off"):
         raise InputError(f"unknown --parallel {mode!r}; choose auto, on or off")
-    b, _, t, h, w = latent_shape
-    work = b * t * math.ceil(h / world) * w
+    h, w = latent_shape[-2:]
+    others = math.prod(latent_shape[:1] + latent_shape[2:-2])  # batch (x frames)
+    work = others * math.ceil(h / world) * w
 
     def plan(shard: bool, reason: str) -> ParallelPlan:
         return ParallelPlan(mode, shard, reason, work, threshold)
@@ -99,10 +104,10 @@ def plan_parallel(
 class DecodeInput:
     """The input of one run: latents to decode, or a video to round-trip (encode then decode)."""
 
-    kind: str  # "latents", "video" or "demo"
+    kind: str  # "latents", "video", "images" or "demo"
     path: Optional[str]
-    latents: Optional[torch.Tensor] = None  # (B, z_dim, T, h, w), un-normalized
-    video: Optional[torch.Tensor] = None  # (B, C, T, H, W) in [-1, 1]
+    latents: Optional[torch.Tensor] = None  # (B, C, T, h, w) or (B, C, h, w), un-normalized
+    video: Optional[torch.Tensor] = None  # (B, C, T, H, W) or (B, C, H, W) in [-1, 1]
     notes: tuple = ()
 
     @property
@@ -112,9 +117,12 @@ class DecodeInput:
     def latent_shape(self, vae) -> tuple:
         if self.latents is not None:
             return self.shape
-        b, _, t, hh, ww = self.shape
+        adapter = adapter_for(vae)
         f = spatial_factor(vae)
-        return (b, latent_channels(vae), 1 + (t - 1) // int(vae.config.scale_factor_temporal), hh // f, ww // f)
+        b, hh, ww = self.shape[0], self.shape[-2], self.shape[-1]
+        if not adapter.video:
+            return (b, latent_channels(vae), hh // f, ww // f)
+        return (b, latent_channels(vae), adapter.latent_frames(vae, self.shape[2]), hh // f, ww // f)
 
 
 def _sizes_that_work(pixels: int, factor: int, world: int) -> str:
@@ -123,31 +131,54 @@ def _sizes_that_work(pixels: int, factor: int, world: int) -> str:
 
 def check_video_shape(video: torch.Tensor, vae, path: str) -> None:
     """Height and width must be multiples of the spatial factor (the encoder's stride-2 steps must divide them)."""
-    _, c, _, h, w = video.shape
+    c, h, w = video.shape[1], video.shape[-2], video.shape[-1]
     f = spatial_factor(vae)
+    what = "video" if video.dim() == 5 else "image"
     if c != pixel_channels(vae):
-        raise InputError(f"video {path} has {c} channels; the model encodes {pixel_channels(vae)}")
+        raise InputError(f"{what} {path} has {c} channels; the model encodes {pixel_channels(vae)}")
     if h % f or w % f:
         raise InputError(
-            f"video {path} is {h}x{w} (height x width); both must be multiples of the model's spatial factor {f}. "
+            f"{what} {path} is {h}x{w} (height x width); both must be multiples of the model's spatial factor {f}. "
             f"Crop or resize to a height of {_sizes_that_work(h, f, 1)} and a width of {_sizes_that_work(w, f, 1)}"
         )
 
 
 def read_input(args: argparse.Namespace, vae) -> DecodeInput:
-    """Read and validate the input named by ``args`` (``--latents``, ``--video`` or neither: the demo clip)."""
+    """Read and validate the input named by ``args`` (``--latents``, ``--video``, ``--image`` or neither: the demo
+    clip, or for an image family 4 of its frames as a batch of images)."""
+    adapter = adapter_for(vae)
     if args.latents:
-        z = load_latents(args.latents, key=args.latents_key)
+        z = load_latents(args.latents, key=args.latents_key, ndim=adapter.ndim)
+        notes = ()
+        if args.latents_normalized:
+            z = denormalize_latents(z, vae)  # Flux.2's pipeline latents are patchified: check channels after this
+            notes = (f"latents were denormalized the {adapter.name} pipelines' way",)
         if z.shape[1] != latent_channels(vae):
             raise InputError(
                 f"latents in {args.latents} have {z.shape[1]} channels (dim 1 of {tuple(z.shape)}), but the model's "
-                f"z_dim is {latent_channels(vae)}: they were made for a different VAE"
+                f"latent channels are {latent_channels(vae)}: they were made for a different VAE"
             )
-        notes = ()
-        if args.latents_normalized:
-            z = denormalize_latents(z, vae)
-            notes = ("latents were denormalized with the config's latents_mean / latents_std",)
         return DecodeInput("latents", args.latents, latents=z, notes=notes)
+    if not adapter.video:
+        if args.video:
+            raise InputError(f"--video: {type(vae).__name__} is an image VAE; pass --image PATH [PATH ...]")
+        if args.image:
+            try:
+                images = [read_image(p) for p in args.image]
+            except (FileNotFoundError, ValueError) as e:
+                raise InputError(str(e)) from e
+            if len({tuple(i.shape) for i in images}) > 1:
+                raise InputError(f"--image files differ in size: {[tuple(i.shape[1:]) for i in images]}")
+            kind, path = "images", ", ".join(args.image)
+            batch = torch.stack(images)
+        else:
+            clip = demo_video(**DEMO_SHAPE)
+            batch = torch.stack([clip[:, t] for t in DEMO_IMAGE_FRAMES])
+            kind, path = "demo", None
+        check_video_shape(batch, vae, path or "demo")
+        return DecodeInput(kind, path, video=batch.contiguous())
+    if args.image:
+        raise InputError(f"--image: {type(vae).__name__} is a video VAE; pass --video PATH")
     if args.video:
         try:
             video = read_video(args.video, max_frames=args.max_frames)
@@ -161,11 +192,11 @@ def read_input(args: argparse.Namespace, vae) -> DecodeInput:
             video = video[:, : args.max_frames]
     video = video.unsqueeze(0)  # (C, T, H, W) -> (1, C, T, H, W)
     check_video_shape(video, vae, path or "demo")
-    # Wan encodes frame chunks 1, 4, 4, ...: frames past the last full chunk are dropped, so drop them here and
-    # compare the reconstruction with exactly the frames that were encoded.
-    tf = int(vae.config.scale_factor_temporal)
+    # Causal video VAEs encode frame chunks 1, k, k, ...: frames past the last full chunk are dropped, so drop them
+    # here and compare the reconstruction with exactly the frames that were encoded.
+    tf = adapter.temporal_factor(vae)
     t = video.shape[2]
-    used = 1 + (t - 1) // tf * tf
+    used = adapter.usable_frames(vae, t)
     notes = ()
     if used != t:
         video = video[:, :, :used]
@@ -183,8 +214,10 @@ def _save_tensors(tensors: dict, path: str) -> None:
 
 def _check_flags(args: argparse.Namespace) -> torch.dtype:
     dtype = parse_dtype(args.dtype)
-    if args.latents and args.video:
-        raise UsageError("give either --latents or --video, not both")
+    if sum(bool(v) for v in (args.latents, args.video, args.image)) > 1:
+        raise UsageError("give one of --latents, --video or --image")
+    if args.seeded and (args.pretrained or args.single_file):
+        raise UsageError("give either --seeded or --pretrained / --single_file, not both")
     if args.latents_normalized and not args.latents:
         raise UsageError("--latents_normalized applies to --latents only")
     if args.latents_key and not args.latents:
@@ -220,13 +253,18 @@ def run_decode(rt: Runtime, args: argparse.Namespace) -> Optional[dict]:
     with rt.agreed():
         dtype = _check_flags(args)
     with rt.agreed():
-        vae, source = load_vae(
-            pretrained=args.pretrained,
-            subfolder=args.subfolder,
-            single_file=args.single_file,
-            config=args.config,
-            dtype=dtype,
-        )
+        if args.seeded:
+            spec = parse_seeded(args.seeded)
+            vae = build_seeded_vae(**spec, seed=0, dtype=dtype)
+            source = {"kind": "seeded", **spec}
+        else:
+            vae, source = load_vae(
+                pretrained=args.pretrained,
+                subfolder=args.subfolder,
+                single_file=args.single_file,
+                config=args.config,
+                dtype=dtype,
+            )
         vae = vae.to(rt.device)
     # step 2: the input, then one check that every rank read the same thing (multi-node runs read per node).
     with rt.agreed():
@@ -292,13 +330,25 @@ def _write_outputs(rt, args, vae, source, inp, plan, decoded, stats, out_dir) ->
     world = rt.world_size
     decoded = decoded.detach().cpu()
     latent_shape = inp.latent_shape(vae)
-    h = latent_shape[3]
+    h = latent_shape[-2]
     f = spatial_factor(vae)
-    videos = []
-    for i in range(decoded.shape[0]):
-        name = "video.mp4" if i == 0 else f"video_{i}.mp4"
-        write_video(decoded[i], os.path.join(out_dir, name), fps=args.fps)
-        videos.append(name)
+    videos, images, sheet = [], [], None
+    if decoded.dim() == 5:
+        for i in range(decoded.shape[0]):
+            name = "video.mp4" if i == 0 else f"video_{i}.mp4"
+            write_video(decoded[i], os.path.join(out_dir, name), fps=args.fps)
+            videos.append(name)
+    else:
+        for i in range(decoded.shape[0]):
+            name = "image.png" if i == 0 else f"image_{i}.png"
+            write_image(decoded[i], os.path.join(out_dir, name))
+            images.append(name)
+        if decoded.shape[0] > 1:
+            sheet = "contact_sheet.png"
+            # a round trip shows each input above its reconstruction
+            shown = decoded if inp.video is None else torch.cat([inp.video.to(decoded.dtype), decoded])
+            cols = decoded.shape[0] if inp.video is not None else None
+            write_image(contact_sheet(shown, columns=cols), os.path.join(out_dir, sheet))
     tensor_file = None
     if args.save_tensor:
         tensor_file = "decoded.safetensors"
@@ -340,6 +390,8 @@ def _write_outputs(rt, args, vae, source, inp, plan, decoded, stats, out_dir) ->
         "ranks": stats,
         "fps": args.fps,
         "videos": videos,
+        "images": images,
+        "contact_sheet": sheet,
         "tensor_file": tensor_file,
         "versions": _versions(),
     }
@@ -350,7 +402,7 @@ def _write_outputs(rt, args, vae, source, inp, plan, decoded, stats, out_dir) ->
         metrics["psnr"] = _finite(psnr(decoded, inp.video))
         metrics["ssim"] = ssim(decoded, inp.video)
     write_json(metrics, os.path.join(out_dir, "metrics.json"))
-    _log_to_tracker(rt, args, metrics, os.path.join(out_dir, videos[0]))
+    _log_to_tracker(rt, args, metrics, os.path.join(out_dir, (videos or [sheet or images[0]])[0]))
     return metrics
 
 
@@ -377,5 +429,8 @@ def _log_to_tracker(rt: Runtime, args, metrics: dict, video_path: str) -> None:
         import wandb
 
         run = rt.accelerator.get_tracker("wandb", unwrap=True)
-        # An mp4 path, not an array: wandb encodes arrays with moviepy, which is not a dependency.
-        run.log({"video": wandb.Video(video_path, format="mp4")})
+        if video_path.endswith(".png"):
+            run.log({"image": wandb.Image(video_path)})
+        else:
+            # An mp4 path, not an array: wandb encodes arrays with moviepy, which is not a dependency.
+            run.log({"video": wandb.Video(video_path, format="mp4")})

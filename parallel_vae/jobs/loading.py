@@ -3,7 +3,12 @@ latent tensors (.safetensors / .pt / .npy / .npz), with every failure raised as 
 
 Model sources, in the order :func:`load_vae` considers them:
 
-* ``single_file``: a ``.safetensors`` / ``.pt`` / ``.pth`` / ``.ckpt`` state dict, either in the original Wan
+Any supported family loads (``parallel_vae.families.FAMILIES``): the diffusers class comes from the config's
+``_class_name``, so no family flag is needed where there is a config.
+
+* ``single_file``: a ``.safetensors`` / ``.pt`` / ``.pth`` / ``.ckpt`` state dict. Any family with ``config``
+  naming its diffusers config (the class's own ``from_single_file`` converts original key names); for Wan also
+  without a config, either in the original Wan
   format (``Wan2.1_VAE.pth``: ``encoder.conv1.weight``, ``decoder.upsamples.*``, ...) or in diffusers' own key
   names. It is loaded with ``AutoencoderKLWan.from_single_file``. That function needs a diffusers config; without
   one it infers the checkpoint type and downloads the matching config from the hub, which fails offline. So unless
@@ -35,8 +40,8 @@ from diffusers import AutoencoderKLWan
 from diffusers.utils import logging as diffusers_logging
 
 from ..errors import InputError
-from .models import build_wan_vae, wan_config
-from ..families import latent_channels, spatial_factor
+from ..families import FAMILIES, adapter_for, latent_channels, spatial_factor
+from .models import build_seeded_vae, build_wan_vae, wan_config
 
 __all__ = [
     "DEFAULT_VAE_DIR",
@@ -50,6 +55,8 @@ __all__ = [
     "read_state_dict",
     "infer_wan_config",
     "load_latents",
+    "parse_seeded",
+    "vae_class",
     "denormalize_latents",
     "normalize_latents",
     "describe_vae",
@@ -169,9 +176,47 @@ def _local_subfolder(folder: Path, subfolder: Optional[str]) -> str:
     )
 
 
-def _from_pretrained(path: str, subfolder: str, dtype: torch.dtype, **kwargs) -> AutoencoderKLWan:
+def vae_class(class_name: Optional[str]) -> type:
+    """The diffusers class of a supported family from a config's ``_class_name``; an InputError for any other."""
+    import diffusers
+
+    supported = {a.model_class.__name__: a.model_class for a in FAMILIES.values()}
+    if class_name not in supported:
+        raise InputError(
+            f"the config's _class_name is {class_name!r}; parallel_vae supports {', '.join(sorted(supported))}"
+        )
+    return getattr(diffusers, class_name)
+
+
+def _config_class(path: str, subfolder: Optional[str], **kwargs) -> type:
+    cfg = AutoencoderKLWan.load_config(path, subfolder=subfolder or None, **kwargs)  # any config.json, any class
+    return vae_class(cfg.get("_class_name"))
+
+
+def _from_pretrained(path: str, subfolder: str, dtype: torch.dtype, **kwargs):
     with _quiet_diffusers():
-        return AutoencoderKLWan.from_pretrained(path, subfolder=subfolder or None, torch_dtype=dtype, **kwargs)
+        cls = _config_class(path, subfolder, **kwargs)
+        return cls.from_pretrained(path, subfolder=subfolder or None, torch_dtype=dtype, **kwargs)
+
+
+def parse_seeded(spec: str) -> dict:
+    """``LAYOUT[:WIDTH[:LATENT]]`` (``--seeded``) -> keyword arguments of :func:`build_seeded_vae`.
+
+    LAYOUT is one of ``parallel_vae.jobs.models.SEEDED_LAYOUTS`` (wan2.1, wan2.2, sd, sdxl, sd3, flux1, flux2,
+    qwenimage, hunyuanvideo, hunyuanvideo15); WIDTH is the first block's channels, LATENT the latent channels."""
+    from .models import SEEDED_LAYOUTS
+
+    parts = spec.split(":")
+    if not parts[0] or parts[0] not in SEEDED_LAYOUTS or len(parts) > 3:
+        raise InputError(
+            f"--seeded {spec!r}: expected LAYOUT[:WIDTH[:LATENT]] with LAYOUT one of {', '.join(SEEDED_LAYOUTS)}"
+        )
+    out = {"layout": parts[0]}
+    for key, text in zip(("width", "latent"), parts[1:]):
+        if not text.isdigit() or int(text) < 1:
+            raise InputError(f"--seeded {spec!r}: {key} must be a positive integer, got {text!r}")
+        out[key] = int(text)
+    return out
 
 
 def load_pretrained(
@@ -185,6 +230,8 @@ def load_pretrained(
         sub = _local_subfolder(folder, subfolder)
         try:
             vae = _from_pretrained(str(folder), sub, dtype, local_files_only=True)
+        except InputError:
+            raise
         except Exception as e:  # diffusers raises OSError, ValueError, RuntimeError (shapes), safetensors errors
             raise InputError(f"cannot load the VAE from {folder / sub}: {e}") from e
         return _ready(vae, dtype), {"kind": "pretrained", "path": str(folder), "subfolder": sub}
@@ -195,6 +242,8 @@ def load_pretrained(
     for sub in tries:
         try:
             vae = _from_pretrained(path_or_id, sub, dtype)
+        except InputError:
+            raise  # found, but not a supported class
         except Exception as e:  # offline, missing repo, missing subfolder: try the next layout, then report
             errors.append(f"subfolder {sub or '(top level)'}: {e}")
             continue
@@ -286,6 +335,18 @@ def load_single_file(
     """
     sd = read_state_dict(path)
     source = {"kind": "single_file", "path": str(path)}
+    if config is not None:
+        local = _is_local(config)
+        cfg_path = os.path.expanduser(config)
+        sub = _local_subfolder(Path(cfg_path), subfolder) if local else subfolder
+        try:
+            cls = _config_class(cfg_path, sub or None, local_files_only=local)
+        except InputError:
+            raise
+        except Exception as e:  # an unreachable hub id, a config.json that is not a model config
+            raise InputError(f"cannot read the VAE config {config}: {type(e).__name__}: {e}") from e
+        if cls is not AutoencoderKLWan:
+            return _load_other_single_file(cls, sd, path, cfg_path, sub, local, dtype, source, config)
     with tempfile.TemporaryDirectory(prefix="pv-config-") as tmp:
         if config is None:
             cfg = infer_wan_config(sd)
@@ -323,6 +384,41 @@ def load_single_file(
     return _ready(vae, dtype), source
 
 
+def _load_other_single_file(cls, sd, path, cfg_path, sub, local, dtype, source, config):
+    """A non-Wan family's single file: diffusers key names are checked against the config's model exactly; other
+    key names (the original repositories') go through the class's own ``from_single_file`` conversion, and a
+    weight it left uninitialized is an error."""
+    source["config"] = config + (f"/{sub}" if sub else "")
+    cfg = cls.load_config(cfg_path, subfolder=sub or None, local_files_only=local)
+    with _quiet_diffusers(), torch.device("meta"):
+        expected = set(cls.from_config(cfg).state_dict())
+    try:
+        if set(sd) & expected:  # diffusers key names: load exactly, nothing missing, nothing extra
+            if set(sd) != expected:
+                extra, absent = sorted(set(sd) - expected), sorted(expected - set(sd))
+                raise InputError(
+                    f"checkpoint {path} does not match the VAE config: {len(absent)} weights missing "
+                    f"(e.g. {absent[:2]}), {len(extra)} unexpected (e.g. {extra[:2]})"
+                )
+            with _quiet_diffusers():
+                vae = cls.from_config(cfg)
+            vae.load_state_dict(sd, strict=True)
+        else:
+            if not hasattr(cls, "from_single_file"):
+                raise InputError(f"{cls.__name__} has no single-file loader in diffusers; save it with save_pretrained")
+            with _quiet_diffusers():
+                vae = cls.from_single_file(
+                    sd, config=cfg_path, subfolder=sub or None, torch_dtype=dtype, local_files_only=local
+                )
+    except InputError:
+        raise
+    except Exception as e:  # shape mismatches, conversion errors
+        raise InputError(f"cannot load single-file checkpoint {path}: {type(e).__name__}: {e}") from e
+    if any(p.is_meta for p in vae.parameters()):
+        raise InputError(f"checkpoint {path} left some weights of {cls.__name__} unset: it does not match the config")
+    return _ready(vae, dtype), source
+
+
 @contextlib.contextmanager
 def _quiet_diffusers():
     """Silence diffusers' warnings while loading: ModelMixin warns about keep-in-fp32 modules on every dtype cast,
@@ -355,10 +451,24 @@ def _ready(vae: AutoencoderKLWan, dtype: torch.dtype) -> AutoencoderKLWan:
     return vae.eval()
 
 
-def describe_vae(vae: AutoencoderKLWan) -> dict:
-    """The facts about a VAE that recipes log: layout, widths, factors, dtype, parameter count."""
+def describe_vae(vae) -> dict:
+    """The facts about a VAE that recipes log: family, class, widths, factors, dtype, parameter count."""
+    adapter = adapter_for(vae)
+    if not isinstance(vae, AutoencoderKLWan):
+        return {
+            "family": adapter.name,
+            "class": type(vae).__name__,
+            "latent_channels": latent_channels(vae),
+            "spatial_factor": spatial_factor(vae),
+            "temporal_factor": adapter.temporal_factor(vae),
+            "video": adapter.video,
+            "dtype": str(vae.dtype).replace("torch.", ""),
+            "parameters": int(sum(p.numel() for p in vae.parameters())),
+        }
     cfg = vae.config
     return {
+        "family": adapter.name,
+        "class": type(vae).__name__,
         "layout": "wan2.2" if cfg.patch_size else "wan2.1",
         "base_dim": int(cfg.base_dim),
         "decoder_base_dim": int(cfg.decoder_base_dim or cfg.base_dim),
@@ -391,8 +501,9 @@ def _pick(tensors: dict, key: Optional[str], path: str):
     )
 
 
-def load_latents(path: str, key: Optional[str] = None) -> torch.Tensor:
-    """Read Wan latents (B, z_dim, T, h, w) (or one sample (z_dim, T, h, w)) as a float32 CPU tensor.
+def load_latents(path: str, key: Optional[str] = None, ndim: int = 5) -> torch.Tensor:
+    """Read latents (B, C, T, h, w) for video families (``ndim`` 5) or (B, C, h, w) for image families (``ndim``
+    4), or one sample without the batch dim, as a float32 CPU tensor.
 
     Formats: ``.safetensors`` (a single tensor, or the one under ``key`` / ``latents`` / ``frames``), ``.pt`` /
     ``.pth`` / ``.bin`` (a tensor, or a dict of them, read with ``weights_only=True``), ``.npy``, ``.npz``.
@@ -429,12 +540,11 @@ def load_latents(path: str, key: Optional[str] = None) -> torch.Tensor:
         raise InputError(f"latents file {path} does not hold a tensor (found {type(obj).__name__})")
     if not obj.is_floating_point():
         raise InputError(f"latents in {path} are {obj.dtype}, expected floating point")
-    if obj.dim() == 4:
-        obj = obj.unsqueeze(0)  # one sample (z_dim, T, h, w) -> a batch of one
-    if obj.dim() != 5:
-        raise InputError(
-            f"latents in {path} have shape {tuple(obj.shape)}; expected (batch, channels, frames, height, width)"
-        )
+    if obj.dim() == ndim - 1:
+        obj = obj.unsqueeze(0)  # one sample -> a batch of one
+    if obj.dim() != ndim:
+        layout = "(batch, channels, frames, height, width)" if ndim == 5 else "(batch, channels, height, width)"
+        raise InputError(f"latents in {path} have shape {tuple(obj.shape)}; this model's latents are {layout}")
     if obj.numel() == 0:
         raise InputError(f"latents in {path} are empty: shape {tuple(obj.shape)}")
     if not torch.isfinite(obj).all():
@@ -452,7 +562,7 @@ def _latent_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             f"(the config has {have}); load the model with its real config (--pretrained, or --config for "
             "--single_file)"
         )
-    shape = (1, z_dim, 1, 1, 1)
+    shape = (1, z_dim) + (1,) * (like.dim() - 2)
     return (
         torch.tensor(mean, dtype=like.dtype, device=like.device).view(shape),
         torch.tensor(std, dtype=like.dtype, device=like.device).view(shape),
@@ -460,16 +570,18 @@ def _latent_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def denormalize_latents(latents: torch.Tensor, vae) -> torch.Tensor:
-    """Undo the Wan pipelines' latent normalization: ``z * latents_std + latents_mean`` (per channel).
+    """Undo the family's pipeline latent normalization, for latents saved from a pipeline (``output_type="latent"``).
 
-    ``WanPipeline`` decodes with ``latents / (1 / std) + mean``; this is the same, for latents saved from a
-    pipeline called with ``output_type="latent"``.
-    """
-    mean, std = _latent_stats(vae, latents)
-    return latents * std + mean
+    Wan / Qwen-Image: ``z * latents_std + latents_mean`` per channel (``WanPipeline`` decodes with
+    ``latents / (1 / std) + mean``); AutoencoderKL families: ``z / scaling_factor + shift_factor``; Flux.2:
+    un-BatchNorm and unpatchify; the others as their adapter says."""
+    if "latents_mean" in vae.config:
+        _latent_stats(vae, latents)  # a clear error when the config has no (or wrong-length) statistics
+    return adapter_for(vae).denormalize(vae, latents)
 
 
 def normalize_latents(latents: torch.Tensor, vae) -> torch.Tensor:
-    """Inverse of :func:`denormalize_latents`: ``(z - latents_mean) / latents_std``."""
-    mean, std = _latent_stats(vae, latents)
-    return (latents - mean) / std
+    """Inverse of :func:`denormalize_latents`."""
+    if "latents_mean" in vae.config:
+        _latent_stats(vae, latents)
+    return adapter_for(vae).normalize(vae, latents)

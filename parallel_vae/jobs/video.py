@@ -1,7 +1,8 @@
-"""Video files: read to and write from tensors in [-1, 1], via imageio's ffmpeg plugin.
+"""Video and image files: read to and write from tensors in [-1, 1], via imageio (ffmpeg for video, Pillow for
+PNG).
 
 Writes are atomic (a temporary file in the same folder, then ``os.replace``), so a crash or an error never leaves
-a partial ``video.mp4`` behind.
+a partial ``video.mp4`` or ``image.png`` behind.
 """
 
 from __future__ import annotations
@@ -14,7 +15,16 @@ import torch
 
 from ._files import atomic_path
 
-__all__ = ["read_video", "write_video", "to_uint8_frames", "from_uint8_frames", "demo_video"]
+__all__ = [
+    "read_video",
+    "write_video",
+    "read_image",
+    "write_image",
+    "contact_sheet",
+    "to_uint8_frames",
+    "from_uint8_frames",
+    "demo_video",
+]
 
 
 def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
@@ -62,6 +72,49 @@ def write_video(video: torch.Tensor, path: str, fps: float = 16.0) -> str:
         # macro_block_size=1: keep the exact size (the default rounds up to multiples of 16).
         iio.imwrite(tmp, frames, fps=fps, codec="libx264", macro_block_size=1)
     return path
+
+
+def read_image(path: str) -> torch.Tensor:
+    """Read an image file (png, jpg, webp, ...) into a (3, H, W) float32 tensor in [-1, 1] (alpha dropped, grey
+    repeated to RGB)."""
+    import imageio.v3 as iio
+
+    if os.path.isdir(path):
+        raise FileNotFoundError(f"image {path} is a directory, not a file")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image file not found: {path}")
+    try:
+        img = iio.imread(path)
+    except Exception as e:  # imageio raises a zoo of types for unreadable files
+        raise ValueError(f"cannot read image {path}: {e}") from e
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, -1)
+    if img.ndim != 3 or img.dtype != np.uint8:
+        raise ValueError(f"image {path}: expected an 8-bit RGB or grey image, got {img.dtype} of shape {img.shape}")
+    return from_uint8_frames(img[None, ..., :3])[:, 0]
+
+
+def write_image(image: torch.Tensor, path: str) -> str:
+    """Write a (C, H, W) image in [-1, 1] to ``path`` (PNG) atomically; returns ``path``."""
+    import imageio.v3 as iio
+
+    frame = to_uint8_frames(image.unsqueeze(1))[0]
+    with atomic_path(path, suffix=os.path.splitext(path)[1] or ".png") as tmp:
+        iio.imwrite(tmp, frame, extension=".png")
+    return path
+
+
+def contact_sheet(images: torch.Tensor, columns: Optional[int] = None, gap: int = 2) -> torch.Tensor:
+    """(B, C, H, W) images in [-1, 1] -> one (C, rows x H + gaps, columns x W + gaps) image, row by row, with
+    ``gap`` pixels of white between them."""
+    b, c, h, w = images.shape
+    cols = columns or min(b, 4)
+    rows = (b + cols - 1) // cols
+    sheet = images.new_ones((c, rows * h + (rows - 1) * gap, cols * w + (cols - 1) * gap))
+    for i in range(b):
+        r, q = divmod(i, cols)
+        sheet[:, r * (h + gap) : r * (h + gap) + h, q * (w + gap) : q * (w + gap) + w] = images[i]
+    return sheet
 
 
 def demo_video(frames: int = 17, height: int = 64, width: int = 96) -> torch.Tensor:
