@@ -29,6 +29,8 @@ class FamilyAdapter:
     model_class: type = nn.Module
     #: 5-D (B, C, T, H, W) videos or 4-D (B, C, H, W) images
     video: bool = True
+    #: whether pipelines normalize latents with the config's per-channel ``latents_mean`` / ``latents_std``
+    uses_latent_stats: bool = False
     #: whether the class's ``_decode`` returns ``DecoderOutput`` / tuple (``return_dict``) or a bare tensor
     decode_returns_output: bool = True
 

@@ -42,6 +42,7 @@ class QwenImageAdapter(FamilyAdapter):
     name = "qwenimage"
     model_class = qwen.AutoencoderKLQwenImage
     video = True
+    uses_latent_stats = True
 
     def plan(self, vae):
         check_resample_modes(vae, qwen.QwenImageResample)

@@ -127,6 +127,7 @@ class WanAdapter(FamilyAdapter):
     name = "wan"
     model_class = wan.AutoencoderKLWan
     video = True
+    uses_latent_stats = True
 
     def plan(self, vae):
         check_resample_modes(vae, wan.WanResample)

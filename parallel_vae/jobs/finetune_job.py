@@ -23,12 +23,13 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..api import enable_spatial_parallelism, shard_video, spatial_factor
+from ..api import enable_spatial_parallelism, shard_video
+from ..families import adapter_for, spatial_factor
 from ..checkpointing import enable_gradient_checkpointing
 from ..errors import InputError
 from .loading import load_vae
 from .metrics import peak_memory_bytes, psnr, ssim
-from .models import build_wan_vae, inflate_temporal, temporal_resampling_convs
+from .models import SEEDED_LAYOUTS, build_seeded_vae, build_wan_vae, inflate_temporal, temporal_resampling_convs
 from ..pipeline import decode_video, encode_video
 from .runtime import Runtime, UsageError, start_tracking
 from ..core.sharding import ShardingError
@@ -40,11 +41,11 @@ from .training import (
     sample_seeds,
     vae_loss,
 )
-from .video import write_video
+from .video import write_image, write_video
 
 __all__ = ["run_finetune", "add_finetune_args", "latest_checkpoint"]
 
-_SEEDED_RE = re.compile(r"^(wan2\.[12]):(\d+):(\d+)$")
+_SEEDED_RE = re.compile(r"^([a-z0-9.]+):(\d+):(\d+)$")
 # float64 is for exactness tests (the layout equivalence test runs the recipe in float64).
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -61,14 +62,19 @@ VALIDATION_SEED_OFFSET = 7919
 
 def add_finetune_args(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("model (default: the built-in model)")
-    m.add_argument("--pretrained", metavar="PATH_OR_ID", help="diffusers AutoencoderKLWan folder or hub id to start from")
+    m.add_argument(
+        "--pretrained",
+        metavar="PATH_OR_ID",
+        help="diffusers VAE folder or hub id to start from, any supported family (the class comes from its config)",
+    )
     m.add_argument("--subfolder", default=None, help="folder inside --pretrained holding config.json (detected)")
     m.add_argument("--single_file", metavar="PATH", help="single-file checkpoint to start from")
     m.add_argument(
         "--seeded",
         metavar="LAYOUT:BASE_DIM:Z_DIM",
-        help="start from a freshly initialized, seeded model of the real layout at this width, e.g. wan2.1:12:16 "
-        "(the embedded default checkpoint was trained from wan2.1:12:16 with --seeded_init zero_residual)",
+        help="start from a freshly initialized, seeded model of a real layout at this width, LAYOUT:WIDTH:LATENT with "
+        "LAYOUT one of " + ", ".join(SEEDED_LAYOUTS) + ", e.g. wan2.1:12:16 (the embedded default checkpoint was "
+        "trained from wan2.1:12:16 with --seeded_init zero_residual) or sd:32:4 (image VAEs train on single frames)",
     )
     m.add_argument(
         "--seeded_init",
@@ -201,10 +207,18 @@ def _load_model(args, dtype: torch.dtype):
         raise UsageError("give at most one of --pretrained, --single_file, --seeded")
     if args.seeded:
         m = _SEEDED_RE.match(args.seeded)
-        if not m:
-            raise UsageError(f"--seeded must look like wan2.1:12:8 (LAYOUT:BASE_DIM:Z_DIM), got {args.seeded!r}")
+        if not m or m.group(1) not in SEEDED_LAYOUTS:
+            raise UsageError(
+                f"--seeded must look like wan2.1:12:8 (LAYOUT:WIDTH:LATENT, LAYOUT one of {', '.join(SEEDED_LAYOUTS)}), "
+                f"got {args.seeded!r}"
+            )
         layout, base, z = m.group(1), int(m.group(2)), int(m.group(3))
-        vae = build_wan_vae(layout, base_dim=base, z_dim=z, seed=args.seed, dtype=dtype, init=args.seeded_init)
+        if layout.startswith("wan"):
+            vae = build_wan_vae(layout, base_dim=base, z_dim=z, seed=args.seed, dtype=dtype, init=args.seeded_init)
+        elif args.seeded_init != "pytorch":
+            raise UsageError(f"--seeded_init {args.seeded_init} is for Wan layouts only")
+        else:
+            vae = build_seeded_vae(layout, width=base, latent=z, seed=args.seed, dtype=dtype)
         source = {"kind": "seeded", "layout": layout, "base_dim": base, "z_dim": z, "seed": args.seed,
                   "init": args.seeded_init}  # fmt: skip
     else:
@@ -228,7 +242,9 @@ def _check_args(args, world: int) -> None:
         raise UsageError(f"--sp_degree {args.sp_degree} does not divide the world size {world}; use one of {divisors}")
     if args.frames < 1 or (args.frames - 1) % 4:
         lo = 1 + 4 * ((max(args.frames, 1) - 1) // 4)
-        raise UsageError(f"--frames must be 1 + 4k (Wan's temporal chunks), got {args.frames}; e.g. {lo} or {lo + 4}")
+        raise UsageError(
+            f"--frames must be 1 + 4k (the video VAEs' temporal chunks), got {args.frames}; e.g. {lo} or {lo + 4}"
+        )
     for name in ("max_steps", "batch_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be positive")
@@ -247,10 +263,11 @@ def _make_data(spec: str, args, factor: int, seed: int):
         raise InputError(str(e)) from e
 
 
-def _stack(dataset, indices, epoch: int, device, dtype) -> torch.Tensor:
+def _stack(dataset, indices, epoch: int, device, dtype, video: bool = True) -> torch.Tensor:
     # clip(i, epoch) is a pure function: a new temporal offset / crop each epoch for folder data, the same clips
     # after a resume, and the same clip on every spatial rank of a replica.
-    return torch.stack([dataset.clip(i, epoch) for i in indices]).to(device=device, dtype=dtype)
+    batch = torch.stack([dataset.clip(i, epoch) for i in indices]).to(device=device, dtype=dtype)
+    return batch if video else batch[:, :, 0]  # image VAEs: (B, C, 1, H, W) single frames -> (B, C, H, W)
 
 
 def accelerator_kwargs(args: argparse.Namespace) -> dict:
@@ -290,6 +307,13 @@ def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
         _check_args(args, rt.world_size)
         dtype = parse_dtype(args.dtype)
         vae, source = _load_model(args, dtype)
+        adapter = adapter_for(vae)
+        if not adapter.video and args.frames != 1:
+            raise UsageError(f"{type(vae).__name__} is an image VAE: train it with --frames 1 (single frames)")
+        if adapter.video and args.frames == 1 and adapter.name != "wan":
+            # Only Wan's single-frame path is known to leave exactly its temporal resampling convs unused (frozen
+            # below); for other video families DDP would wait for gradients that never come.
+            raise UsageError(f"--frames 1 (single-frame training) is supported for Wan layouts; {adapter.name} needs >= 5")
         factor = spatial_factor(vae)
         for name in ("height", "width"):
             size = getattr(args, name)
@@ -325,7 +349,7 @@ def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
     if not train_encoder:
         for p in list(vae.encoder.parameters()) + list(vae.quant_conv.parameters()):
             p.requires_grad_(False)
-    if args.frames == 1:
+    if args.frames == 1 and adapter.video:
         # Single frames never reach the temporal resampling convolutions (Wan resamples time only from the second
         # chunk on): freeze them, so DDP does not wait for gradients that never come and the optimizer leaves them
         # as they are (``--inflate`` sets them when training moves on to video).
@@ -359,13 +383,9 @@ def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
     config = {k: v for k, v in vars(args).items()} | layout.describe() | {"model_source": source}
     start_tracking(rt, report_to=args.report_to, project=args.tracker_project, run_name=args.run_name, config=config, dir=args.output_dir)
 
-    latent_shape = (
-        vae.config.z_dim,
-        1 + (args.frames - 1) // 4,
-        args.height // factor,
-        args.width // factor,
-    )
-    numel = args.batch_size * 3 * args.frames * args.height * args.width
+    frames = (adapter.latent_frames(vae, args.frames),) if adapter.video else ()
+    latent_shape = (adapter.latent_channels(vae),) + frames + (args.height // factor, args.width // factor)
+    numel = args.batch_size * adapter.pixel_channels(vae) * args.frames * args.height * args.width
     history, val_history = [], []
     progress = None
     if rt.is_main:
@@ -377,7 +397,7 @@ def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         idx = batch_indices(step, layout.dp_rank, layout.dp_degree, args.batch_size, len(train_data), args.seed)
         epoch = step // (len(train_data) // (layout.dp_degree * args.batch_size))
-        video = _stack(train_data, idx, epoch, rt.device, dtype)
+        video = _stack(train_data, idx, epoch, rt.device, dtype, adapter.video)
         x_local = shard_video(vae, video)
         noise = None
         if args.sample_posterior:
@@ -459,8 +479,11 @@ def _validate(rt: Runtime, layout, vae, val_data, step: int, args, dtype, step_t
     t0 = time.perf_counter()
     totals = torch.zeros(3, dtype=torch.float64)  # psnr sum, ssim sum, clips
     sample_path = None
+    video = adapter_for(vae).video
     for i in range(layout.dp_rank, len(val_data), layout.dp_degree):
         clip = val_data[i][None].to(device=rt.device, dtype=dtype)
+        if not video:
+            clip = clip[:, :, 0]  # (1, C, 1, H, W) -> (1, C, H, W): image VAEs train and validate on frames
         with acc.autocast():
             posterior = encode_video(vae, clip, gather=False)
             recon = decode_video(vae, posterior.mode(), sharded=True, gather=True)
@@ -469,7 +492,12 @@ def _validate(rt: Runtime, layout, vae, val_data, step: int, args, dtype, step_t
         if rt.is_main and sample_path is None:
             # input | reconstruction, side by side
             side = torch.cat([clip[0].float().cpu(), recon[0].float().cpu()], dim=-1)
-            sample_path = write_video(side, os.path.join(args.output_dir, "samples", f"step_{step:06d}.mp4"), fps=8)
+            name = os.path.join(args.output_dir, "samples", f"step_{step:06d}")
+            if video:
+                sample_path = write_video(side, name + ".mp4", fps=8)
+            else:
+                os.makedirs(os.path.dirname(name), exist_ok=True)
+                sample_path = write_image(side, name + ".png")
     if rt.distributed:
         dist.all_reduce(totals)
     mem = rt.gather_object(peak_memory_bytes(rt.device)["bytes"])
@@ -497,7 +525,10 @@ def _validate(rt: Runtime, layout, vae, val_data, step: int, args, dtype, step_t
         if rt.is_main and sample_path and args.report_to == "wandb":
             import wandb
 
-            log["val/sample"] = wandb.Video(sample_path, format="mp4")
+            if sample_path.endswith(".png"):
+                log["val/sample"] = wandb.Image(sample_path)
+            else:
+                log["val/sample"] = wandb.Video(sample_path, format="mp4")
         acc.log(log, step=step)
     return result
 
@@ -515,15 +546,13 @@ def _save_checkpoint(rt: Runtime, output_dir: str, step: int) -> None:
 
 def _export(rt: Runtime, module, vae, export_dir: str, dtype: torch.dtype) -> None:
     """Save the trained weights as a plain diffusers folder (no parallel_vae needed to load it)."""
-    from diffusers import AutoencoderKLWan
-
     state = rt.accelerator.get_state_dict(module)  # every rank: gathers ZeRO-3 partitions
     if rt.is_main:
         from .models import cast_quietly
 
         # Cast before loading: load_state_dict copies into the existing parameters, so loading float64 weights
         # into the float32 model from_config builds would round them.
-        plain = cast_quietly(AutoencoderKLWan.from_config(vae.config), dtype)
+        plain = cast_quietly(type(vae).from_config(vae.config), dtype)
         prefix = "vae."
         plain.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
         parent = os.path.dirname(os.path.abspath(export_dir))

@@ -575,13 +575,15 @@ def denormalize_latents(latents: torch.Tensor, vae) -> torch.Tensor:
     Wan / Qwen-Image: ``z * latents_std + latents_mean`` per channel (``WanPipeline`` decodes with
     ``latents / (1 / std) + mean``); AutoencoderKL families: ``z / scaling_factor + shift_factor``; Flux.2:
     un-BatchNorm and unpatchify; the others as their adapter says."""
-    if "latents_mean" in vae.config:
+    adapter = adapter_for(vae)
+    if adapter.uses_latent_stats:
         _latent_stats(vae, latents)  # a clear error when the config has no (or wrong-length) statistics
-    return adapter_for(vae).denormalize(vae, latents)
+    return adapter.denormalize(vae, latents)
 
 
 def normalize_latents(latents: torch.Tensor, vae) -> torch.Tensor:
     """Inverse of :func:`denormalize_latents`."""
-    if "latents_mean" in vae.config:
+    adapter = adapter_for(vae)
+    if adapter.uses_latent_stats:
         _latent_stats(vae, latents)
-    return adapter_for(vae).normalize(vae, latents)
+    return adapter.normalize(vae, latents)

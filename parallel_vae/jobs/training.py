@@ -104,14 +104,14 @@ def posterior_noise(
 ) -> torch.Tensor:
     """Posterior sampling noise for this rank's latent rows, identical to the rows of the full-size noise a single
     process would draw: sample b of the batch uses ``torch.Generator().manual_seed(seeds[b])`` over the full
-    latent (C, T, h, w), and this rank keeps its rows. So the layout (D, S) does not change the samples."""
-    c, t, h, w = latent_shape
+    latent (C, [T,] h, w), and this rank keeps its rows. So the layout (D, S) does not change the samples."""
+    h = latent_shape[-2]
     start, count = local_rows(vae, h)
     out = []
     for seed in seeds:
         g = torch.Generator().manual_seed(int(seed))
-        full = torch.randn((c, t, h, w), generator=g, dtype=torch.float64)
-        out.append(full[:, :, start : start + count])
+        full = torch.randn(tuple(latent_shape), generator=g, dtype=torch.float64)
+        out.append(full.narrow(-2, start, count))
     return torch.stack(out).to(device=device, dtype=dtype)
 
 
