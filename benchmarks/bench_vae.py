@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Speed, memory and scaling of parallel_vae side by side with the unmodified diffusers Wan VAE.
+"""Speed, memory and scaling of parallel_vae side by side with the unmodified diffusers VAE.
 
-One invocation runs, for decode and encode of the real Wan2.1 layout at full channel width (random weights):
+One invocation runs, for decode and encode of one family's real layout (``--family``, default wan2.1) at full
+channel width (random weights):
 
 * the unmodified diffusers model in one process (the baseline);
 * the parallel version at every world size of ``--worlds`` (spawned ranks; gloo on CPU, NCCL on GPU), in
@@ -20,6 +21,7 @@ Usage (from the repository root):
     python benchmarks/bench_vae.py                                  # the full default run (< 10 min on 2 cores)
     python benchmarks/bench_vae.py --base_dim 32 --latent_hw 8 8    # a quick smoke run
     python benchmarks/bench_vae.py --latent_frames 5 --latent_hw 32 32 --ops decode --worlds 1,2
+    python benchmarks/bench_vae.py --family sd                      # AutoencoderKL (SD 1.x layout), images
 """
 
 from __future__ import annotations
@@ -199,25 +201,31 @@ class Job:
 
 
 def _model(job: Job, device: torch.device):
-    from parallel_vae.jobs.models import build_wan_vae
+    from parallel_vae.jobs.models import build_seeded_vae, build_wan_vae
 
-    vae = build_wan_vae(job.layout, base_dim=job.base_dim, z_dim=job.z_dim, seed=job.seed, dtype=_DTYPES[job.dtype])
+    dtype = _DTYPES[job.dtype]
+    if job.layout.startswith("wan"):
+        vae = build_wan_vae(job.layout, base_dim=job.base_dim, z_dim=job.z_dim, seed=job.seed, dtype=dtype)
+    else:
+        vae = build_seeded_vae(job.layout, width=job.base_dim, latent=job.z_dim, seed=job.seed, dtype=dtype)
     return vae.to(device).eval()
 
 
 def _inputs(job: Job, vae) -> torch.Tensor:
-    """The full (B, C, T, H, W) input of the op, seeded, identical in every process."""
-    import parallel_vae as pv
+    """The full input of the op, (B, C, T, H, W) for video families and (B, C, H, W) for image families, seeded,
+    identical in every process."""
+    from parallel_vae.families import adapter_for
 
+    adapter = adapter_for(vae)
     g = torch.Generator().manual_seed(job.seed + 1)
     h, w = job.latent_hw
     if job.op == "decode":
-        x = torch.randn(1, vae.config.z_dim, job.latent_frames, h, w, generator=g)
+        frames = (job.latent_frames,) if adapter.video else ()
+        x = torch.randn((1, adapter.latent_channels(vae)) + frames + (h, w), generator=g)
     else:
-        f = pv.spatial_factor(vae)
-        p = vae.config.patch_size or 1
-        c = vae.config.in_channels // (p * p)
-        x = torch.rand(1, c, 1 + 4 * (job.latent_frames - 1), h * f, w * f, generator=g) * 2 - 1
+        f = adapter.spatial_factor(vae)
+        frames = (1 + adapter.temporal_factor(vae) * (job.latent_frames - 1),) if adapter.video else ()
+        x = torch.rand((1, adapter.pixel_channels(vae)) + frames + (h * f, w * f), generator=g) * 2 - 1
     return x.to(_DTYPES[job.dtype])
 
 
@@ -282,7 +290,7 @@ def _rank_body(rank: int, world: int, job: Job, tmpdir: str) -> dict:
     if job.impl == "parallel":
         pv.enable_spatial_parallelism(vae)
         if job.mode == "sharded":
-            x = full.narrow(3, first * in_unit, rows * in_unit).contiguous()
+            x = full.narrow(-2, first * in_unit, rows * in_unit).contiguous()
     x = x.to(device)
     del full
     input_bytes = x.numel() * x.element_size()
@@ -314,7 +322,7 @@ def _rank_body(rank: int, world: int, job: Job, tmpdir: str) -> dict:
     if job.ref_path:
         ref = torch.load(job.ref_path)
         if job.mode == "sharded":
-            ref = ref.narrow(3, first * out_unit, rows * out_unit)
+            ref = ref.narrow(-2, first * out_unit, rows * out_unit)
         diff = (out.detach().cpu().double() - ref.double()).abs().max().item()
         res.update(max_abs_diff=diff, ref_max_abs=ref.double().abs().max().item())
     elif job.impl == "diffusers":
@@ -478,16 +486,17 @@ def _projection_body(job: Job, worlds: list[int]) -> dict:
             continue
         # The busiest rank: the largest shard, with neighbours on both sides (a middle rank).
         rows = max(row_split(rows_total, n))
-        x = full.narrow(3, 0, rows * in_unit).contiguous().to(device)
+        x = full.narrow(-2, 0, rows * in_unit).contiguous().to(device)
         rank = n // 2
         if n > 1:
-            apply_plan(vae, plan_for(vae), SpatialState(None, n, f))
+            apply_plan(vae, plan_for(vae), SpatialState(None, n, f, adapter_for(vae)))
         ctx = _simulated_group(n, rank) if n > 1 else contextlib.nullcontext()
 
         def run():
+            adapter = adapter_for(vae)
             if job.op == "decode":
-                return type(vae)._decode(vae, x, return_dict=False)[0]
-            return type(vae)._encode(vae, x)
+                return adapter.decode_local(vae, x)
+            return adapter.encode_local(vae, x)
 
         try:
             with ctx, torch.no_grad():
@@ -752,10 +761,23 @@ def _targets(summaries: list[dict], n_cores: int, device: str) -> list[tuple[str
 
 def _parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--layout", default="wan2.1", choices=["wan2.1", "wan2.2"])
-    p.add_argument("--base_dim", type=int, default=None, help="channel width (default: the real one, 96 for Wan2.1)")
+    from parallel_vae.jobs.models import SEEDED_LAYOUTS
+
+    p.add_argument(
+        "--family",
+        "--layout",
+        dest="layout",
+        default="wan2.1",
+        choices=list(SEEDED_LAYOUTS),
+        help="the model: a family's real layout (parallel_vae.jobs.models.SEEDED_LAYOUTS), random weights",
+    )
+    p.add_argument(
+        "--base_dim", type=int, default=None, help="first block's channel width (default: the real one, 96 for Wan2.1)"
+    )
     p.add_argument("--z_dim", type=int, default=None, help="latent channels (default: the real one)")
-    p.add_argument("--latent_frames", type=int, default=3, help="latent frames (pixel frames = 1 + 4 (T - 1))")
+    p.add_argument(
+        "--latent_frames", type=int, default=3, help="latent frames of video families (pixel frames = 1 + 4 (T - 1))"
+    )
     p.add_argument("--latent_hw", type=int, nargs=2, default=[16, 16], metavar=("H", "W"), help="latent height, width")
     p.add_argument("--worlds", default="1,2,4", help="world sizes of the parallel runs")
     p.add_argument("--ops", default="decode,encode")

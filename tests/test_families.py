@@ -82,6 +82,14 @@ def _bad_input_worker(rank, world, layout):
         "wrong_latent_channels": lambda: vae.decode(torch.zeros((1, zc + 1) + zlead[2:] + (world, 2))),
         "wrong_pixel_channels": lambda: vae.encode(torch.zeros((1, c + 1) + lead[2:] + (f * world, f))),
     }
+    def tiled():
+        vae.enable_tiling()
+        try:
+            vae.decode(torch.zeros(zlead + (world, 2)))
+        finally:
+            vae.disable_tiling()
+
+    calls["tiling_enabled"] = tiled
     out = {}
     for name, call in calls.items():
         try:
@@ -100,5 +108,7 @@ def test_bad_input_one_clear_error_on_every_rank(layout):
         errors = [r[name] for r in per_rank]
         assert errors[0] is not None, f"{layout} {name}: no error"
         assert all(e == errors[0] for e in errors), f"{layout} {name}: ranks disagree: {errors}"
-        assert errors[0][0] == "ShardingError", errors[0]
+        expected = "RuntimeError" if name == "tiling_enabled" else "ShardingError"
+        assert errors[0][0] == expected, errors[0]
+    assert "exclusive" in per_rank[0]["tiling_enabled"][1]
 

@@ -270,7 +270,7 @@ def test_load_latents_errors(tmp_path):
         ("bad.npy", {}, "cannot read latents file"),
         ("two.safetensors", {}, "name one with --latents_key"),
         ("two.safetensors", {"key": "c"}, "has no entry 'c'"),
-        ("three_d.pt", {}, "expected (batch, channels, frames, height, width)"),
+        ("three_d.pt", {}, "this model's latents are (batch, channels, frames, height, width)"),
         ("int.pt", {}, "expected floating point"),
         ("nan.pt", {}, "NaN or infinite"),
         ("x.json", {}, "unsupported extension"),

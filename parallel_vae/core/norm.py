@@ -88,14 +88,17 @@ class _DistributedGroupNorm(torch.autograd.Function):
         xg = x.reshape(b, num_groups, -1)
         mean, var = _forward_stats(xg, group)
         rstd = (var + eps).rsqrt()
-        xhat = ((xg.to(dt) - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)).reshape(x.shape)
+        # In place after the first op (no autograd inside a Function): the peak is input + output, as for torch's
+        # own fused kernel, not input + three temporaries.
+        y = xg.to(dt) - mean.unsqueeze(-1)
+        y.mul_(rstd.unsqueeze(-1))
+        y = y.reshape(x.shape)
         # (C,) -> (1, C, 1, ...): per-channel affine over every position
         shape = (1, c) + (1,) * (x.dim() - 2)
-        y = xhat
         if weight is not None:
-            y = y * weight.to(dt).reshape(shape)
+            y.mul_(weight.to(dt).reshape(shape))
         if bias is not None:
-            y = y + bias.to(dt).reshape(shape)
+            y.add_(bias.to(dt).reshape(shape))
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.num_groups, ctx.group, ctx.has_bias = num_groups, group, bias is not None
         return y.to(x.dtype)
@@ -106,12 +109,21 @@ class _DistributedGroupNorm(torch.autograd.Function):
         b, c = x.shape[:2]
         groups, dt = ctx.num_groups, mean.dtype
         shape = (1, c) + (1,) * (x.dim() - 2)
-        xhat = (x.reshape(b, groups, -1).to(dt) - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
+        reduce_dims = [0] + list(range(2, x.dim()))
+        xhat = x.reshape(b, groups, -1).to(dt) - mean.unsqueeze(-1)
+        xhat.mul_(rstd.unsqueeze(-1))
         dy = dy.to(dt)
-        g = dy * weight.to(dt).reshape(shape) if weight is not None else dy
+        dw = db = None
+        if weight is not None and ctx.needs_input_grad[1]:
+            dw = (dy * xhat.reshape(x.shape)).sum(reduce_dims).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy.sum(reduce_dims).to(weight.dtype if weight is not None else x.dtype)
+        if not ctx.needs_input_grad[0]:
+            return None, dw, db, None, None, None
+        g = dy * weight.to(dt).reshape(shape) if weight is not None else dy.clone()
         g = g.reshape(b, groups, -1)
-        # (B, G, 2): this rank's sums of g and g * xhat, and its element count per group; the group's after the
-        # all-reduce (float64, so the counts stay exact at any size).
+        # (B, G, 2): this rank's sums of g and g * xhat; the group's after the all-reduce (float64, so the element
+        # counts stay exact at any size).
         sums = torch.stack([g.sum(-1), (g * xhat).sum(-1)], -1)
         count = torch.tensor([float(g.shape[-1])], dtype=dt, device=x.device)
         if group_size(ctx.group) > 1:
@@ -120,14 +132,9 @@ class _DistributedGroupNorm(torch.autograd.Function):
             sums, count = packed[:-1].reshape(sums.shape).to(dt), packed[-1:].to(dt)
         mean_g = (sums[..., 0] / count).unsqueeze(-1)
         mean_gx = (sums[..., 1] / count).unsqueeze(-1)
-        dx = (rstd.unsqueeze(-1) * (g - mean_g - xhat * mean_gx)).reshape(x.shape).to(x.dtype)
-        dw = db = None
-        reduce_dims = [0] + list(range(2, x.dim()))
-        if weight is not None and ctx.needs_input_grad[1]:
-            dw = (dy * xhat.reshape(x.shape)).sum(reduce_dims).to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy.sum(reduce_dims).to(weight.dtype if weight is not None else x.dtype)
-        return dx, dw, db, None, None, None
+        # dx = rstd * (g - mean(g) - xhat * mean(g xhat)), in place on g and xhat
+        g.sub_(mean_g).sub_(xhat.mul_(mean_gx)).mul_(rstd.unsqueeze(-1))
+        return g.reshape(x.shape).to(x.dtype), dw, db, None, None, None
 
 
 def distributed_group_norm(
