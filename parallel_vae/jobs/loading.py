@@ -511,6 +511,8 @@ def load_latents(path: str, key: Optional[str] = None, ndim: int = 5) -> torch.T
     (they are normalized; see :func:`denormalize_latents`).
     """
     p = Path(os.path.expanduser(path))
+    if p.is_dir():
+        raise InputError(f"--latents {path} is a directory; pass the latents file itself")
     if not p.is_file():
         raise InputError(f"latents file not found: {path}")
     ext = p.suffix.lower()
