@@ -165,7 +165,12 @@ def test_decode_outputs_are_one_unit(tmp_path, in_process, monkeypatch, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["comparison"] == "comparison.mp4" and len(metrics["run_id"]) == 12
     assert iio.imread(out / "comparison.mp4").shape == (5, 64, 24, 3)  # input above reconstruction
-    # (the summary went to stdout, which in_process does not return; read it from the recipe's return path)
+
+
+@pytest.mark.timeout(120)
+def test_decode_refuses_non_finite_output_and_directory_latents(tmp_path, in_process):
+    import torch
+    from safetensors.torch import save_file
 
     # point 10: float16 overflow (latents beyond its range) is an error with the dtype advice; nothing is written.
     big = tmp_path / "big.safetensors"
@@ -174,7 +179,7 @@ def test_decode_outputs_are_one_unit(tmp_path, in_process, monkeypatch, capsys):
     code, err = in_process("decode", DECODE + ["--latents", str(big), "--dtype", "float16", "--output_dir", str(fresh)])
     line = _one_error(err, "decode.py")
     assert code == 1 and "NaN or infinite" in line and "bfloat16 or float32" in line, line
-    assert not [p for p in fresh.iterdir() if not p.name.startswith(".")] if fresh.exists() else True
+    assert not fresh.exists() or not [p for p in fresh.iterdir() if not p.name.startswith(".")]
     # point 13: a directory given as --latents says so.
     code, err = in_process("decode", DECODE + ["--latents", str(tmp_path), "--output_dir", str(fresh)])
     assert code == 1 and "is a directory" in _one_error(err, "decode.py")
