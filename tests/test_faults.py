@@ -250,3 +250,28 @@ def test_timeout_is_validated_and_a_stalled_rank_fails_in_bounded_time(tmp_path)
     assert proc.returncode != 0 and elapsed < 60, (elapsed, proc.stderr[-3000:])
     line = _one_error(proc.stderr, "decode.py")
     assert "rank 0 of 2 waited --timeout 4 s" in line, line
+
+
+@pytest.mark.timeout(60)
+def test_unreachable_hub_fails_fast(monkeypatch, tmp_path):
+    """point 8: no network, or HF_HUB_OFFLINE without a cached model: one message in seconds, not a minute of
+    retries ending in 'config.json missing'."""
+    import time
+
+    from huggingface_hub import constants
+
+    from parallel_vae.errors import InputError
+    from parallel_vae.jobs.loading import load_pretrained
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: connection refused
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for offline in (False, True):
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+        start = time.monotonic()
+        with pytest.raises(InputError) as e:
+            load_pretrained("Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+        assert time.monotonic() - start < 10
+        assert "cannot reach the model hub" in str(e.value)
+        assert "pass a local folder or set HF_HUB_OFFLINE=1 with a cached model" in str(e.value)
+        assert ("HF_HUB_OFFLINE is set" in str(e.value)) == offline, str(e.value)
