@@ -107,6 +107,8 @@ def test_kill_during_save_state_rerun_and_resume(tmp_path, in_process):
     # The resume itself, on 1 process (S 2 -> 1 with the same D = 1: the same trajectory, so allowed).
     proc = python_run("recipes/finetune.py", args + ["--resume", "latest"], tmp_path)
     check_ok(proc)
+    # point 11: one line saying where the model went
+    assert f"finetune: final model in {out / 'final'} (diffusers from_pretrained loads it); 2 steps on 1 process" in proc.stdout
     assert sorted(os.listdir(ck)) == ["step_000001", "step_000002", "step_000003"]  # the stale temporary is gone
     summary = json.loads((out / "finetune_summary.json").read_text())
     assert summary["start_step"] == 1 and [h["step"] for h in summary["history"]] == [2, 3]
@@ -275,3 +277,31 @@ def test_unreachable_hub_fails_fast(monkeypatch, tmp_path):
         assert "cannot reach the model hub" in str(e.value)
         assert "pass a local folder or set HF_HUB_OFFLINE=1 with a cached model" in str(e.value)
         assert ("HF_HUB_OFFLINE is set" in str(e.value)) == offline, str(e.value)
+
+
+@pytest.mark.timeout(60)
+def test_help_is_instant_and_printed_by_rank_0_only(tmp_path):
+    """point 14: --help parses before torch/diffusers/deepspeed load (so it is instant), prints nothing on other
+    ranks of a launch, and quotes README's auto-threshold measurement."""
+    import subprocess
+    import sys
+
+    from parallel_vae.jobs.cli import DTYPE_NAMES, SEEDED_LAYOUT_NAMES
+    from parallel_vae.jobs.loading import DTYPES
+    from parallel_vae.jobs.models import SEEDED_LAYOUTS
+
+    assert tuple(DTYPES) == DTYPE_NAMES and tuple(SEEDED_LAYOUTS) == SEEDED_LAYOUT_NAMES
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    readme = (REPO / "README.md").read_text()
+    for recipe in ("decode", "finetune"):
+        script = str(REPO / "recipes" / f"{recipe}.py")
+        proc = subprocess.run([sys.executable, "-X", "importtime", script, "--help"], capture_output=True, text=True, env=env, timeout=30)
+        assert proc.returncode == 0 and "--output_dir" in proc.stdout
+        heavy = [m for m in ("torch", "diffusers", "deepspeed") if f"| {m}\n" in proc.stderr or f"| {m}." in proc.stderr]
+        assert not heavy, heavy
+        other = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, env={**env, "RANK": "1"}, timeout=30)
+        assert other.returncode == 0 and other.stdout == ""
+        if recipe == "decode":
+            text = " ".join(proc.stdout.split())
+            for number in ("(0.48x)", "1.08x at 64", "1.13x at 160", "1.28x at 240", "3.43x at 640", "1.63x at 64"):
+                assert number in text and number in " ".join(readme.split()), number

@@ -38,6 +38,7 @@ from ..errors import InputError
 from .loading import denormalize_latents, describe_vae, load_latents, load_vae, parse_dtype, parse_seeded
 from .metrics import peak_memory_bytes, psnr, reset_peak_memory, ssim, write_json
 from ..pipeline import decode_video, encode_video
+from .cli import AUTO_MIN_WORK_PER_RANK
 from .runtime import Runtime, UsageError, start_tracking
 from ..core.sharding import nearest_valid, row_split
 from .models import build_seeded_vae
@@ -46,9 +47,6 @@ from ..families import adapter_for, latent_channels, pixel_channels, spatial_fac
 
 __all__ = ["AUTO_MIN_WORK_PER_RANK", "ParallelPlan", "plan_parallel", "DecodeInput", "read_input", "run_decode"]
 
-# Smallest per-rank work (latent elements: batch x frames x rows x columns) for which sharding over 2 ranks beat
-# one process, measured by benchmarks/decode_threshold.py (see recipes/decode.py --help for the numbers).
-AUTO_MIN_WORK_PER_RANK = 64
 
 DEMO_SHAPE = dict(frames=17, height=64, width=96)
 # Image families round-trip 4 frames of the demo clip as a batch of images (and so write a contact sheet).

@@ -31,6 +31,7 @@ from .loading import load_vae
 from .metrics import peak_memory_bytes, psnr, ssim
 from .models import SEEDED_LAYOUTS, build_seeded_vae, build_wan_vae, inflate_temporal, temporal_resampling_convs
 from ..pipeline import decode_video, encode_video
+from .cli import add_finetune_args
 from .runtime import Runtime, UsageError, start_tracking
 from ..core.sharding import ShardingError
 from .training import (
@@ -44,7 +45,7 @@ from .training import (
 from ._files import TMP_PREFIX, atomic_path, clear_stale, publish_modes
 from .video import write_image, write_video
 
-__all__ = ["run_finetune", "add_finetune_args", "latest_checkpoint"]
+__all__ = ["run_finetune", "add_finetune_args", "latest_checkpoint"]  # add_finetune_args lives in .cli (no torch)
 
 _SEEDED_RE = re.compile(r"^([a-z0-9.]+):(\d+):(\d+)$")
 # float64 is for exactness tests (the layout equivalence test runs the recipe in float64).
@@ -60,155 +61,6 @@ def parse_dtype(name: str) -> torch.dtype:
 # Held-out clips are dataset items of seed ``--seed + VALIDATION_SEED_OFFSET``: never the training clips, and the
 # same in every run with that --seed (benchmarks/eval_vae_quality.py reads the same clips).
 VALIDATION_SEED_OFFSET = 7919
-
-def add_finetune_args(p: argparse.ArgumentParser) -> None:
-    m = p.add_argument_group("model (default: the built-in model)")
-    m.add_argument(
-        "--pretrained",
-        metavar="PATH_OR_ID",
-        help="diffusers VAE folder or hub id to start from, any supported family (the class comes from its config)",
-    )
-    m.add_argument("--subfolder", default=None, help="folder inside --pretrained holding config.json (detected)")
-    m.add_argument("--single_file", metavar="PATH", help="single-file checkpoint to start from")
-    m.add_argument(
-        "--seeded",
-        metavar="LAYOUT:BASE_DIM:Z_DIM",
-        help="start from a freshly initialized, seeded model of a real layout at this width, LAYOUT:WIDTH:LATENT with "
-        "LAYOUT one of " + ", ".join(SEEDED_LAYOUTS) + ", e.g. wan2.1:12:16 (the embedded default checkpoint was "
-        "trained from wan2.1:12:16 with --seeded_init zero_residual) or sd:32:4 (image VAEs train on single frames)",
-    )
-    m.add_argument(
-        "--seeded_init",
-        default="pytorch",
-        choices=["pytorch", "zero_residual"],
-        help="initialization of a --seeded model: the modules' own, or zero biases and identity residual blocks, "
-        "which trains from scratch (see parallel_vae.jobs.models.build_wan_vae) (default: %(default)s)",
-    )
-    m.add_argument(
-        "--inflate",
-        action="store_true",
-        help="before training, make the starting model's temporal layers per-frame (parallel_vae.jobs.models."
-        "inflate_temporal): the step from a model trained on --frames 1 to video training",
-    )
-    m.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "float64", "bfloat16"],
-        help="parameter dtype (float64 is for exactness tests; for bf16 training prefer float32 parameters with "
-        "--mixed_precision bf16) (default: %(default)s)",
-    )
-    m.add_argument(
-        "--mixed_precision",
-        default=None,
-        choices=["no", "bf16"],
-        help="autocast through accelerate (default: the launch config's setting)",
-    )
-    m.add_argument(
-        "--train",
-        default="all",
-        choices=["all", "decoder"],
-        help="train the whole VAE, or only post_quant_conv + decoder with the encoder frozen (default: %(default)s)",
-    )
-    m.add_argument(
-        "--gradient_checkpointing",
-        action="store_true",
-        help="recompute encoder/decoder block activations in backward (halo exchanges are repeated in order)",
-    )
-
-    par = p.add_argument_group("parallel layout")
-    par.add_argument(
-        "--sp_degree",
-        type=int,
-        default=None,
-        help="spatial ranks per clip S; the world is split into D = world / S data-parallel replicas of S "
-        "consecutive ranks (default: the whole world, D = 1)",
-    )
-
-    d = p.add_argument_group("data")
-    d.add_argument(
-        "--data",
-        default="synthetic",
-        help="'synthetic' (procedural moving shapes and textures, seeded), 'synthetic:N' (N clips), or a folder "
-        "of videos / image-sequence folders (default: %(default)s)",
-    )
-    d.add_argument("--val_data", default="synthetic:4", help="held-out clips, same forms as --data (default: %(default)s)")
-    d.add_argument("--frames", type=int, default=9, help="frames per clip, 1 + 4k (default: %(default)s)")
-    d.add_argument("--height", type=int, default=64, help="clip height, a multiple of the spatial factor (default: %(default)s)")
-    d.add_argument("--width", type=int, default=64, help="clip width, a multiple of the spatial factor (default: %(default)s)")
-
-    o = p.add_argument_group("optimization")
-    o.add_argument(
-        "--max_steps",
-        type=int,
-        default=100,
-        help="optimizer steps; 0 validates and exports the starting model only (default: %(default)s)",
-    )
-    o.add_argument("--batch_size", type=int, default=1, help="clips per data-parallel replica per step (default: %(default)s)")
-    o.add_argument(
-        "--optimizer",
-        default="adamw",
-        choices=["adamw", "sgd"],
-        help="adamw for training; sgd makes the update proportional to the gradient, which is what the layout "
-        "exactness tests compare (an Adam first step is nearly sign(gradient) and would hide gradient errors) "
-        "(default: %(default)s)",
-    )
-    o.add_argument("--lr", type=float, default=1e-4, help="learning rate (default: %(default)s)")
-    o.add_argument("--weight_decay", type=float, default=0.0, help="weight decay (default: %(default)s)")
-    o.add_argument("--warmup_steps", type=int, default=0, help="linear learning-rate warm-up steps (default: %(default)s)")
-    o.add_argument(
-        "--lr_scheduler",
-        default="constant",
-        choices=["constant", "cosine", "linear"],
-        help="learning rate after the warm-up: constant, or decaying to 0 at --max_steps along a half cosine or a "
-        "line; the decay is laid out over --max_steps, so resume with the same --max_steps (default: %(default)s)",
-    )
-    o.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping, 0 = off (default: %(default)s)")
-    o.add_argument("--l1", type=float, default=1.0, help="weight of the mean L1 reconstruction loss (default: %(default)s)")
-    o.add_argument("--mse", type=float, default=0.0, help="weight of the mean squared reconstruction loss (default: %(default)s)")
-    o.add_argument(
-        "--kl",
-        type=float,
-        default=1e-6,
-        help="weight of the KL term, normalized like the reconstruction terms (per pixel element), so 1e-6 means "
-        "what it means in latent-diffusion VAE training; the logged 'kl' is per sample (default: %(default)s)",
-    )
-    o.add_argument(
-        "--sample_posterior",
-        action="store_true",
-        help="decode a posterior sample (noise seeded per step and sample) instead of the mean",
-    )
-    o.add_argument("--seed", type=int, default=0, help="data order and posterior noise seed (default: %(default)s)")
-
-    io = p.add_argument_group("validation, checkpoints, output")
-    io.add_argument("--output_dir", default="outputs/finetune", help="run folder (default: %(default)s)")
-    io.add_argument("--validate_every", type=int, default=50, help="validate every N steps, 0 = only at the end (default: %(default)s)")
-    io.add_argument("--checkpoint_every", type=int, default=0, help="accelerate save_state every N steps, 0 = off (default: %(default)s)")
-    io.add_argument(
-        "--resume",
-        default=None,
-        help="'latest' (the newest complete checkpoint under OUTPUT_DIR/checkpoints) or a checkpoint folder written "
-        "by --checkpoint_every; refused when the run configuration changes the training trajectory",
-    )
-    io.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="start afresh in a non-empty OUTPUT_DIR: its checkpoints, samples, final/ and summaries are deleted "
-        "first (without it, a used run folder is refused unless you --resume)",
-    )
-    io.add_argument("--log_every", type=int, default=1, help="log the training loss every N steps (default: %(default)s)")
-    io.add_argument(
-        "--export_dir",
-        default=None,
-        help="where the final model is saved with save_pretrained (default: OUTPUT_DIR/final); plain diffusers "
-        "AutoencoderKLWan.from_pretrained loads it",
-    )
-    io.add_argument(
-        "--export_dtype",
-        default=None,
-        choices=["float32", "float16", "bfloat16", "float64"],
-        help="dtype of the exported weights (default: the training dtype)",
-    )
-
 
 # A checkpoint is written to CHECKPOINTS/.tmp-step_N and renamed to CHECKPOINTS/step_N once every rank has written
 # its part and the main rank has added trainer_state.json: the rename is the marker of completeness.
@@ -624,6 +476,14 @@ def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
     if rt.is_main:
         os.makedirs(args.output_dir, exist_ok=True)
         _write_json(os.path.join(args.output_dir, "finetune_summary.json"), summary)
+        last = val_history[-1]
+        print(
+            f"finetune: final model in {os.path.abspath(export_dir)} (diffusers from_pretrained loads it); "
+            f"{len(history)} steps on {layout.world} process{'es' if layout.world > 1 else ''} (D={layout.dp_degree} "
+            f"x S={layout.sp_degree}); validation PSNR {last['psnr']:.2f} dB, SSIM {last['ssim']:.4f} at step "
+            f"{last['step']}; summary in {os.path.join(os.path.abspath(args.output_dir), 'finetune_summary.json')}",
+            flush=True,
+        )
     return summary
 
 

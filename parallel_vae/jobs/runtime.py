@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import InputError
+from .cli import DEFAULT_TIMEOUT_S, ArgumentParser, UsageError, add_runtime_args  # torch-free, for --help
 from ..core.sharding import ShardingError
 
 __all__ = [
@@ -45,28 +46,12 @@ __all__ = [
     "DEFAULT_TIMEOUT_S",
 ]
 
-# Long enough for the slowest step between two collectives of a real decode (a rank waiting for rank 0 to write
-# the mp4 of an 81-frame 720p video), short enough that a hang is noticed.
-DEFAULT_TIMEOUT_S = 900
-
 # How gloo and NCCL word a collective that ran past the process group's timeout.
 _TIMED_OUT = re.compile(r"timed? ?out|timeout", re.IGNORECASE)
 _POINTER = re.compile(r"0x[0-9a-fA-F]+")
 
 # Errors that mean "the user's input cannot be used"; anything else is a bug and keeps its traceback.
 _INPUT_ERRORS = (InputError, ShardingError, OSError)
-
-
-class UsageError(InputError):
-    """A command-line flag is missing, unknown or has a bad value (exit status 2, as argparse uses)."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that raises :class:`UsageError` instead of printing and exiting, so that under a multi-process
-    launch the message is printed once, by the main rank, like every other input error."""
-
-    def error(self, message: str):  # noqa: D401 (argparse's name)
-        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 class AgreedError(Exception):
@@ -215,27 +200,6 @@ def start_runtime(
         cpu=not cuda and not deepspeed, log_with=log_with, kwargs_handlers=handlers, **accelerator_kwargs
     )
     return Runtime(accelerator, prog=prog)
-
-
-def add_runtime_args(parser: argparse.ArgumentParser) -> None:
-    """The flags every recipe shares: experiment tracking and the collective timeout."""
-    g = parser.add_argument_group("tracking and runtime")
-    g.add_argument(
-        "--report_to",
-        default="none",
-        choices=["none", "wandb"],
-        help="experiment tracker, through accelerate's tracker API. wandb runs offline (files under "
-        "OUTPUT_DIR/wandb, sync later with `wandb sync`) when there is no login (no WANDB_API_KEY, no netrc "
-        "entry) or WANDB_MODE=offline (default: %(default)s)",
-    )
-    g.add_argument("--tracker_project", default="parallel_vae", help="wandb project name (default: %(default)s)")
-    g.add_argument("--run_name", default=None, help="wandb run name (default: wandb picks one)")
-    g.add_argument(
-        "--timeout",
-        type=float,
-        default=DEFAULT_TIMEOUT_S,
-        help="seconds a rank waits in a collective before the run fails instead of hanging (default: %(default)s)",
-    )
 
 
 def wandb_mode() -> str:
