@@ -112,12 +112,21 @@ def test_kill_during_save_state_rerun_and_resume(tmp_path, in_process):
     assert sorted(os.listdir(ck)) == ["step_000001", "step_000002", "step_000003"]  # the stale temporary is gone
     summary = json.loads((out / "finetune_summary.json").read_text())
     assert summary["start_step"] == 1 and [h["step"] for h in summary["history"]] == [2, 3]
-    assert json.loads((out / "run_config.json").read_text())["global_batch_size"] == 1
+    recorded = json.loads((out / "run_config.json").read_text())
+    assert {k: recorded[k] for k in ("world_size", "sp_degree", "dp_degree", "batch_size", "global_batch_size", "seed", "data")} == {
+        "world_size": 1, "sp_degree": 1, "dp_degree": 1, "batch_size": 1, "global_batch_size": 1, "seed": 0, "data": "synthetic:2"
+    }  # fmt: skip
 
     # --overwrite starts afresh: the old checkpoints go; --max_steps 0 validates and exports only.
-    code, err = in_process("finetune", args + ["--overwrite", "--max_steps", "0"])
+    old_mask = os.umask(0o027)
+    try:
+        code, err = in_process("finetune", args + ["--overwrite", "--max_steps", "0"])
+    finally:
+        os.umask(old_mask)
     assert code == 0, err[-3000:]
     assert not ck.exists() and (out / "final" / "config.json").is_file()
+    assert _modes(out / "final") == {("d", 0o750), ("f", 0o640)}  # point 6: the export follows the umask too
+    assert stat.S_IMODE((out / "finetune_summary.json").stat().st_mode) == 0o640
     summary = json.loads((out / "finetune_summary.json").read_text())
     assert summary["history"] == [] and [v["step"] for v in summary["validation"]] == [0]
 

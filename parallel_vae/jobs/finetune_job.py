@@ -67,8 +67,9 @@ VALIDATION_SEED_OFFSET = 7919
 _STEP_RE = re.compile(r"step_(\d+)")
 TRAINER_STATE = "trainer_state.json"
 RUN_CONFIG = "run_config.json"
-# What a run writes into OUTPUT_DIR (and --overwrite deletes): never anything else the folder holds.
-_RUN_OUTPUTS = ("checkpoints", "samples", "final", "wandb", "finetune_summary.json", RUN_CONFIG)
+# What --overwrite deletes: the run's own outputs, never anything else the folder holds (nor wandb/, whose offline
+# runs may not be synced yet).
+_RUN_OUTPUTS = ("checkpoints", "samples", "final", "finetune_summary.json", RUN_CONFIG)
 
 
 def latest_checkpoint(output_dir: str) -> Optional[str]:
@@ -132,7 +133,12 @@ def check_checkpoint(path: str) -> dict:
 def run_config(args: argparse.Namespace, dp_degree: int, source: dict) -> dict:
     """What a run folder records about its run (run_config.json, and each checkpoint's trainer_state.json)."""
     recorded = {k: v for k, v in vars(args).items() if v is None or isinstance(v, (str, int, float, bool))}
-    recorded |= {"dp_degree": dp_degree, "global_batch_size": dp_degree * args.batch_size, "model_source": source}
+    recorded |= {
+        "world_size": dp_degree * args.sp_degree,
+        "dp_degree": dp_degree,
+        "global_batch_size": dp_degree * args.batch_size,
+        "model_source": source,
+    }
     return recorded
 
 
