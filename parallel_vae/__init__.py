@@ -10,26 +10,45 @@ Public API (see README.md):
 * communication primitives (autograd Functions): :func:`halo_exchange`, :func:`scatter_rows`, :func:`gather_rows`.
 """
 
-from .jobs import metrics
-from .api import (
-    disable_spatial_parallelism,
-    enable_spatial_parallelism,
-    gather_shards,
-    is_spatially_parallel,
-    local_rows,
-    shard_latents,
-    shard_video,
-    sharded_decode,
-    sharded_encode,
-    spatial_group,
-    spatial_size,
-)
-from .pipeline import decode_video, encode_video
-from .checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing
-from .core.comm import gather_rows, halo_exchange, scatter_rows
-from .loss import sharded_loss
-from .core.sharding import ShardingError, row_offsets, row_split
-from .families import spatial_factor
+import importlib
+
+# Imported on first use (PEP 562), so that `import parallel_vae.jobs.cli` -- the recipes' --help -- does not load
+# torch and diffusers.
+_LAZY = {
+    "metrics": ".jobs.metrics",
+    **dict.fromkeys(
+        ["disable_spatial_parallelism", "enable_spatial_parallelism", "gather_shards", "is_spatially_parallel",
+         "local_rows", "shard_latents", "shard_video", "sharded_decode", "sharded_encode", "spatial_group",
+         "spatial_size"],
+        ".api",
+    ),
+    "decode_video": ".pipeline",
+    "encode_video": ".pipeline",
+    "disable_gradient_checkpointing": ".checkpointing",
+    "enable_gradient_checkpointing": ".checkpointing",
+    "gather_rows": ".core.comm",
+    "halo_exchange": ".core.comm",
+    "scatter_rows": ".core.comm",
+    "sharded_loss": ".loss",
+    "ShardingError": ".core.sharding",
+    "row_offsets": ".core.sharding",
+    "row_split": ".core.sharding",
+    "spatial_factor": ".families",
+}  # fmt: skip
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(_LAZY[name], __name__)
+    value = module if name == "metrics" else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 

@@ -19,6 +19,7 @@ Rows are always dim -2.
 
 from __future__ import annotations
 
+import os
 import types
 from typing import Optional
 
@@ -78,6 +79,15 @@ def enable_spatial_parallelism(vae, group: Optional[dist.ProcessGroup] = None):
         raise RuntimeError("spatial parallelism is already enabled on this model; disable it first")
     if group is None and dist.is_available() and dist.is_initialized():
         group = dist.group.WORLD
+    elif group is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Launched as one of several processes, but no group: a group of one would make every rank decode the
+        # whole input, silently.
+        raise RuntimeError(
+            f"WORLD_SIZE is {os.environ['WORLD_SIZE']} but torch.distributed is not initialized, so each process "
+            "would work alone. Before enable_spatial_parallelism, call\n"
+            "    torch.distributed.init_process_group(backend='nccl' or 'gloo', timeout=datetime.timedelta(minutes=5))"
+            "\n    (or create accelerate's Accelerator(), which does it), then pass group= or leave it None for the world"
+        )
     if group is not None and group is not dist.GroupMember.WORLD and dist.get_rank(group) < 0:
         raise ValueError("this process is not a member of the given group; only members may enable it")
     size = group_size(group)

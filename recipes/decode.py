@@ -15,7 +15,8 @@ rank, the default seeded model, other jobs running: noisy) with
 
     accelerate launch --config_file accelerate_configs/cpu_2proc.yaml benchmarks/decode_threshold.py
 
-which times a 1-process decode against a 2-process sharded decode of the same latents:
+which times a 1-process decode against a 2-process sharded decode of the same latents (README, "Decoding videos",
+gives the same numbers):
 
 {THRESHOLD_TABLE}
 
@@ -35,26 +36,26 @@ try:
 except ImportError:  # run from a checkout without installing: the package sits next to recipes/
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from parallel_vae.jobs.decode_job import AUTO_MIN_WORK_PER_RANK, run_decode
-from parallel_vae.jobs.loading import DTYPES
-from parallel_vae.jobs.runtime import ArgumentParser, add_runtime_args, run_recipe
+# Only the torch-free command line here: --help answers before torch, diffusers or deepspeed load.
+from parallel_vae.jobs.cli import (
+    AUTO_MIN_WORK_PER_RANK,
+    DTYPE_NAMES,
+    ArgumentParser,
+    add_runtime_args,
+    help_requested,
+    print_help_once,
+)
 
 THRESHOLD_TABLE = """\
-    latent T,h,w  work/rank  1 proc   2 procs  speedup  (CPU-time speedup)   measured 2026-11-27, load avg 5.3
-    1,2,2              2     0.023s   0.140s   0.16     (0.28)
-    1,4,4              8     0.043s   0.098s   0.44     (0.66)
-    2,4,4             16     0.141s   0.205s   0.69     (0.89)
-    2,4,8             32     0.416s   0.588s   0.71     (1.22)
-    2,8,8             64     1.165s   0.713s   1.63     (1.91)
-    3,8,8             96     2.290s   1.251s   1.83     (2.40)
-    5,8,12           240     3.306s   2.085s   1.59     (3.03)
-    5,16,16          640     6.832s   5.096s   1.34     (2.01)
+    Measured with the embedded checkpoint (67 s): sharding lost at 32 latent elements per rank and below (0.48x)
+    and won from 64 up (1.08x at 64, 1.13x at 160, 1.28x at 240, the demo clip's size, and 3.43x at 640). The
+    earlier measurement with the wider seeded model (base_dim 32) gave the same threshold (1.63x at 64).
 
-    -> default --auto_threshold 64 (2 frames x 4 rows x 8 cols per rank). Fastest of 4 alternating runs each.
-    The machine was shared with other jobs (load average 4-5 on 2 cores): an earlier run had single sizes
-    above 64 at speedup < 1, so read the crossover as "between 32 and 96". Any real Wan latent (e.g.
-    21 x 60 x 104 for 81 frames of 480x832) is far above it; on GPUs, where per-layer compute is much
-    shorter relative to each halo exchange, the crossover is higher: re-measure there."""
+    -> default --auto_threshold 64. The machine was shared with other jobs, so read the crossover as "between
+    32 and 64 latent elements per rank"; it counts latent elements, not FLOPs, so a wider model pays off at a
+    smaller size. Any real Wan latent (e.g. 21 x 60 x 104 for 81 frames of 480x832) is far above it; on GPUs,
+    where per-layer compute is much shorter relative to each halo exchange, the crossover is higher: re-measure
+    there."""
 __doc__ = __doc__.replace("{THRESHOLD_TABLE}", THRESHOLD_TABLE)
 
 
@@ -103,7 +104,7 @@ def build_parser() -> ArgumentParser:
     m.add_argument(
         "--dtype",
         default="float32",
-        choices=list(DTYPES),
+        choices=list(DTYPE_NAMES),
         help="parameter and compute dtype (default: %(default)s)",
     )
 
@@ -182,7 +183,13 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv=None) -> int:
-    return run_recipe(build_parser(), run_decode, argv)
+    parser = build_parser()
+    if help_requested(argv):
+        return print_help_once(parser)
+    from parallel_vae.jobs.decode_job import run_decode
+    from parallel_vae.jobs.runtime import run_recipe
+
+    return run_recipe(parser, run_decode, argv)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ try:
 except ImportError:  # run from a checkout without installing: the package sits next to recipes/
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from parallel_vae.jobs.finetune_job import accelerator_kwargs, add_finetune_args, run_finetune
-from parallel_vae.jobs.runtime import ArgumentParser, add_runtime_args, run_recipe
+# Only the torch-free command line here: --help answers before torch, diffusers or deepspeed load.
+from parallel_vae.jobs.cli import ArgumentParser, add_finetune_args, add_runtime_args, help_requested, print_help_once
 
 
 def build_parser() -> ArgumentParser:
@@ -38,7 +38,13 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv=None) -> int:
-    return run_recipe(build_parser(), run_finetune, argv, accelerator_kwargs=accelerator_kwargs)
+    parser = build_parser()
+    if help_requested(argv):
+        return print_help_once(parser)
+    from parallel_vae.jobs.finetune_job import accelerator_kwargs, run_finetune
+    from parallel_vae.jobs.runtime import run_recipe
+
+    return run_recipe(parser, run_finetune, argv, accelerator_kwargs=accelerator_kwargs)
 
 
 if __name__ == "__main__":

@@ -137,6 +137,8 @@ def test_pretrained_errors(tmp_path):
 def test_pretrained_hub_id_tries_vae_subfolder_then_top_level(monkeypatch):
     # No hub here: stand in for from_pretrained, and check the order of tries and the message when all fail.
     calls, model = [], small()
+    monkeypatch.setattr(loading, "_hub_unreachable", lambda: None)  # as if online (the probe is tested elsewhere)
+    monkeypatch.setattr(loading, "_hub_offline", lambda: False)
 
     def fake(path, subfolder, dtype, **kwargs):
         calls.append((path, subfolder))

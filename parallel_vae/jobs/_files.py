@@ -10,7 +10,10 @@ import contextlib
 import os
 import tempfile
 
-__all__ = ["atomic_path"]
+__all__ = ["atomic_path", "publish_modes", "clear_stale", "TMP_PREFIX"]
+
+# Every temporary this package writes starts with this, so that the next run can clear what a killed run left.
+TMP_PREFIX = ".tmp-"
 
 
 def _umask() -> int:
@@ -30,7 +33,7 @@ def atomic_path(path: str, suffix: str | None = None):
     os.makedirs(folder, exist_ok=True)
     if suffix is None:
         suffix = os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=suffix, dir=folder)
     os.close(fd)
     try:
         yield tmp
@@ -41,3 +44,41 @@ def atomic_path(path: str, suffix: str | None = None):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def publish_modes(path: str) -> None:
+    """Give ``path`` (a file, or a folder and everything under it) the modes a plain ``open()`` / ``mkdir`` would:
+    0666 / 0777 less the umask. ``mkstemp`` / ``mkdtemp`` and safetensors create files private (0600 / 0700), which
+    a teammate on shared storage cannot read."""
+    mask = _umask()
+    file_mode, dir_mode = 0o666 & ~mask, 0o777 & ~mask
+    if not os.path.isdir(path):
+        os.chmod(path, file_mode)
+        return
+    os.chmod(path, dir_mode)
+    for root, dirs, files in os.walk(path):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), dir_mode)
+        for f in files:
+            os.chmod(os.path.join(root, f), file_mode)
+
+
+def clear_stale(folder: str) -> list[str]:
+    """Remove the temporaries (``.tmp-*`` files and folders) a killed run left directly in ``folder``; returns their
+    names. Only for folders one run writes at a time (a run's output folder)."""
+    import shutil
+
+    if not os.path.isdir(folder):
+        return []
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        if not name.startswith(TMP_PREFIX):
+            continue
+        path = os.path.join(folder, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        removed.append(name)
+    return removed

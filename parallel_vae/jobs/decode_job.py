@@ -5,7 +5,9 @@ whether to shard, encode and decode through the shared path (:func:`parallel_vae
 
 Every step that can fail on bad input runs inside :meth:`Runtime.agreed`, so all ranks stop together with one
 message, before any model collective, and before anything is written. Outputs are written by the main rank only,
-each atomically (temporary file, then rename): a failed run never leaves a partial ``video.mp4``.
+into a temporary folder, then moved into place with ``metrics.json`` last (:func:`_commit`): a failed or killed
+run never leaves a partial ``video.mp4``, nor new outputs beside an old ``metrics.json``. A round trip also writes
+``comparison.mp4`` (input above reconstruction).
 
 ``--parallel``:
 
@@ -24,17 +26,19 @@ import math
 import os
 import socket
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
 
-from ._files import atomic_path
+from ._files import TMP_PREFIX, atomic_path, clear_stale
 from ..api import enable_spatial_parallelism
 from ..errors import InputError
 from .loading import denormalize_latents, describe_vae, load_latents, load_vae, parse_dtype, parse_seeded
 from .metrics import peak_memory_bytes, psnr, reset_peak_memory, ssim, write_json
 from ..pipeline import decode_video, encode_video
+from .cli import AUTO_MIN_WORK_PER_RANK
 from .runtime import Runtime, UsageError, start_tracking
 from ..core.sharding import nearest_valid, row_split
 from .models import build_seeded_vae
@@ -43,9 +47,6 @@ from ..families import adapter_for, latent_channels, pixel_channels, spatial_fac
 
 __all__ = ["AUTO_MIN_WORK_PER_RANK", "ParallelPlan", "plan_parallel", "DecodeInput", "read_input", "run_decode"]
 
-# Smallest per-rank work (latent elements: batch x frames x rows x columns) for which sharding over 2 ranks beat
-# one process, measured by benchmarks/decode_threshold.py (see recipes/decode.py --help for the numbers).
-AUTO_MIN_WORK_PER_RANK = 64
 
 DEMO_SHAPE = dict(frames=17, height=64, width=96)
 # Image families round-trip 4 frames of the demo clip as a batch of images (and so write a contact sheet).
@@ -274,13 +275,17 @@ def run_decode(rt: Runtime, args: argparse.Namespace) -> Optional[dict]:
         if any(s != shapes[0] for s in shapes):
             raise InputError(f"ranks read inputs of different shapes: {shapes}; every rank must see the same file")
         plan = plan_parallel(args.parallel, inp.latent_shape(vae), world, args.auto_threshold, spatial_factor(vae))
-    # step 3: the output folder (main rank), before any compute, so an unwritable folder fails in seconds.
+    # step 3: the output folder (main rank), before any compute, so an unwritable folder fails in seconds; the
+    # temporaries a killed run left there are cleared.
     out_dir = os.path.abspath(args.output_dir)
     with rt.agreed():
         if rt.is_main:
+            if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+                raise InputError(f"--output_dir {out_dir} is a file, not a folder")
             os.makedirs(out_dir, exist_ok=True)
             if not os.access(out_dir, os.W_OK):
                 raise InputError(f"--output_dir {out_dir} is not writable")
+            clear_stale(out_dir)
     start_tracking(
         rt,
         report_to=args.report_to,
@@ -307,6 +312,13 @@ def run_decode(rt: Runtime, args: argparse.Namespace) -> Optional[dict]:
     decoded, decode_seconds = _timed(
         rt, lambda: decode_video(vae, latents, sharded=sharded, gather=True, progress=progress)
     )
+    # Every rank holds the whole output (gathered, or decoded alone), so every rank reaches the same verdict.
+    with rt.agreed():
+        if not torch.isfinite(decoded).all():
+            raise InputError(
+                f"the decoded output contains NaN or infinite values ({str(vae.dtype).replace('torch.', '')} "
+                "overflow, or non-finite latents): decode with --dtype bfloat16 or float32; nothing was written"
+            )
     stats = rt.gather_object(
         {
             "rank": rt.rank,
@@ -323,10 +335,58 @@ def run_decode(rt: Runtime, args: argparse.Namespace) -> Optional[dict]:
     with rt.agreed():
         if rt.is_main:
             metrics = _write_outputs(rt, args, vae, source, inp, plan, decoded, stats, out_dir)
+    if rt.is_main:
+        print(summary_line(metrics, out_dir), flush=True)
     return metrics
 
 
+def summary_line(metrics: dict, out_dir: str) -> str:
+    """The one line a successful run ends with: where the outputs went, the layout, time, memory, quality."""
+    files = metrics["videos"] + metrics["images"] + [metrics[k] for k in ("contact_sheet", "comparison", "tensor_file")]
+    layout = metrics["group_layout"]
+    if metrics["parallel"]["shard"]:
+        how = "rows split " + "+".join(map(str, layout["latent_rows_per_rank"])) + " (latent rows)"
+    else:
+        how = "not sharded: " + metrics["parallel"]["reason"]
+    parts = [
+        f"wrote {', '.join(f for f in files if f)} and metrics.json to {out_dir}",
+        f"{metrics['world_size']} process{'es' if metrics['world_size'] > 1 else ''}, {how}",
+        f"decode {metrics['decode_seconds']:.2f} s",
+        f"peak memory {max(metrics['peak_memory_bytes']) / 2**30:.2f} GiB/rank ({metrics['peak_memory_kind']})",
+    ]
+    if "ssim" in metrics:
+        psnr_text = "inf" if metrics["psnr"] is None else f"{metrics['psnr']:.2f}"
+        parts.append(f"PSNR {psnr_text} dB, SSIM {metrics['ssim']:.4f}")
+    return "decode: " + "; ".join(parts)
+
+
+def _commit(stage: str, out_dir: str, names: list[str]) -> None:
+    """Move a run's outputs from ``stage`` into ``out_dir`` as one unit. metrics.json marks a complete run: the old
+    one goes first and the new one comes last, so a kill in between leaves outputs without a metrics.json, never
+    new outputs beside the previous run's metrics."""
+    marker = os.path.join(out_dir, "metrics.json")
+    if os.path.lexists(marker):
+        os.remove(marker)
+    for name in names:
+        os.replace(os.path.join(stage, name), os.path.join(out_dir, name))
+    os.replace(os.path.join(stage, "metrics.json"), marker)
+    os.rmdir(stage)
+
+
 def _write_outputs(rt, args, vae, source, inp, plan, decoded, stats, out_dir) -> dict:
+    run_id = uuid.uuid4().hex[:12]
+    stage = os.path.join(out_dir, f"{TMP_PREFIX}run-{run_id}")  # cleared by the next run if this one is killed
+    os.makedirs(stage)
+    metrics = _write_staged(rt, args, vae, source, inp, plan, decoded, stats, stage, run_id)
+    names = metrics["videos"] + metrics["images"]
+    names += [metrics[k] for k in ("contact_sheet", "comparison", "tensor_file") if metrics[k]]
+    _commit(stage, out_dir, names)
+    shown = (metrics["videos"] or [metrics["contact_sheet"] or metrics["images"][0]])[0]
+    _log_to_tracker(rt, args, metrics, os.path.join(out_dir, shown))
+    return metrics
+
+
+def _write_staged(rt, args, vae, source, inp, plan, decoded, stats, out_dir, run_id) -> dict:
     world = rt.world_size
     decoded = decoded.detach().cpu()
     latent_shape = inp.latent_shape(vae)
@@ -349,12 +409,19 @@ def _write_outputs(rt, args, vae, source, inp, plan, decoded, stats, out_dir) ->
             shown = decoded if inp.video is None else torch.cat([inp.video.to(decoded.dtype), decoded])
             cols = decoded.shape[0] if inp.video is not None else None
             write_image(contact_sheet(shown, columns=cols), os.path.join(out_dir, sheet))
+    comparison = None
+    if inp.video is not None and decoded.dim() == 5:
+        comparison = "comparison.mp4"
+        # (C, T, H, W): the input above its reconstruction
+        side = torch.cat([inp.video[0].to(decoded.dtype), decoded[0]], dim=-2)
+        write_video(side, os.path.join(out_dir, comparison), fps=args.fps)
     tensor_file = None
     if args.save_tensor:
         tensor_file = "decoded.safetensors"
         _save_tensors({"video": decoded}, os.path.join(out_dir, tensor_file))
     rows = row_split(h, world) if plan.shard else [h] * world
     metrics = {
+        "run_id": run_id,
         "world_size": world,
         "backend": rt.backend,
         "device": rt.device.type,
@@ -392,6 +459,7 @@ def _write_outputs(rt, args, vae, source, inp, plan, decoded, stats, out_dir) ->
         "videos": videos,
         "images": images,
         "contact_sheet": sheet,
+        "comparison": comparison,
         "tensor_file": tensor_file,
         "versions": _versions(),
     }
@@ -402,7 +470,6 @@ def _write_outputs(rt, args, vae, source, inp, plan, decoded, stats, out_dir) ->
         metrics["psnr"] = _finite(psnr(decoded, inp.video))
         metrics["ssim"] = ssim(decoded, inp.video)
     write_json(metrics, os.path.join(out_dir, "metrics.json"))
-    _log_to_tracker(rt, args, metrics, os.path.join(out_dir, (videos or [sheet or images[0]])[0]))
     return metrics
 
 

@@ -31,6 +31,7 @@ from .loading import load_vae
 from .metrics import peak_memory_bytes, psnr, ssim
 from .models import SEEDED_LAYOUTS, build_seeded_vae, build_wan_vae, inflate_temporal, temporal_resampling_convs
 from ..pipeline import decode_video, encode_video
+from .cli import add_finetune_args
 from .runtime import Runtime, UsageError, start_tracking
 from ..core.sharding import ShardingError
 from .training import (
@@ -41,9 +42,10 @@ from .training import (
     sample_seeds,
     vae_loss,
 )
+from ._files import TMP_PREFIX, atomic_path, clear_stale, publish_modes
 from .video import write_image, write_video
 
-__all__ = ["run_finetune", "add_finetune_args", "latest_checkpoint"]
+__all__ = ["run_finetune", "add_finetune_args", "latest_checkpoint"]  # add_finetune_args lives in .cli (no torch)
 
 _SEEDED_RE = re.compile(r"^([a-z0-9.]+):(\d+):(\d+)$")
 # float64 is for exactness tests (the layout equivalence test runs the recipe in float64).
@@ -60,145 +62,124 @@ def parse_dtype(name: str) -> torch.dtype:
 # same in every run with that --seed (benchmarks/eval_vae_quality.py reads the same clips).
 VALIDATION_SEED_OFFSET = 7919
 
-def add_finetune_args(p: argparse.ArgumentParser) -> None:
-    m = p.add_argument_group("model (default: the built-in model)")
-    m.add_argument(
-        "--pretrained",
-        metavar="PATH_OR_ID",
-        help="diffusers VAE folder or hub id to start from, any supported family (the class comes from its config)",
-    )
-    m.add_argument("--subfolder", default=None, help="folder inside --pretrained holding config.json (detected)")
-    m.add_argument("--single_file", metavar="PATH", help="single-file checkpoint to start from")
-    m.add_argument(
-        "--seeded",
-        metavar="LAYOUT:BASE_DIM:Z_DIM",
-        help="start from a freshly initialized, seeded model of a real layout at this width, LAYOUT:WIDTH:LATENT with "
-        "LAYOUT one of " + ", ".join(SEEDED_LAYOUTS) + ", e.g. wan2.1:12:16 (the embedded default checkpoint was "
-        "trained from wan2.1:12:16 with --seeded_init zero_residual) or sd:32:4 (image VAEs train on single frames)",
-    )
-    m.add_argument(
-        "--seeded_init",
-        default="pytorch",
-        choices=["pytorch", "zero_residual"],
-        help="initialization of a --seeded model: the modules' own, or zero biases and identity residual blocks, "
-        "which trains from scratch (see parallel_vae.jobs.models.build_wan_vae) (default: %(default)s)",
-    )
-    m.add_argument(
-        "--inflate",
-        action="store_true",
-        help="before training, make the starting model's temporal layers per-frame (parallel_vae.jobs.models."
-        "inflate_temporal): the step from a model trained on --frames 1 to video training",
-    )
-    m.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "float64", "bfloat16"],
-        help="parameter dtype (float64 is for exactness tests; for bf16 training prefer float32 parameters with "
-        "--mixed_precision bf16) (default: %(default)s)",
-    )
-    m.add_argument(
-        "--mixed_precision",
-        default=None,
-        choices=["no", "bf16"],
-        help="autocast through accelerate (default: the launch config's setting)",
-    )
-    m.add_argument(
-        "--train",
-        default="all",
-        choices=["all", "decoder"],
-        help="train the whole VAE, or only post_quant_conv + decoder with the encoder frozen (default: %(default)s)",
-    )
-    m.add_argument(
-        "--gradient_checkpointing",
-        action="store_true",
-        help="recompute encoder/decoder block activations in backward (halo exchanges are repeated in order)",
-    )
-
-    par = p.add_argument_group("parallel layout")
-    par.add_argument(
-        "--sp_degree",
-        type=int,
-        default=None,
-        help="spatial ranks per clip S; the world is split into D = world / S data-parallel replicas of S "
-        "consecutive ranks (default: the whole world, D = 1)",
-    )
-
-    d = p.add_argument_group("data")
-    d.add_argument(
-        "--data",
-        default="synthetic",
-        help="'synthetic' (procedural moving shapes and textures, seeded), 'synthetic:N' (N clips), or a folder "
-        "of videos / image-sequence folders (default: %(default)s)",
-    )
-    d.add_argument("--val_data", default="synthetic:4", help="held-out clips, same forms as --data (default: %(default)s)")
-    d.add_argument("--frames", type=int, default=9, help="frames per clip, 1 + 4k (default: %(default)s)")
-    d.add_argument("--height", type=int, default=64, help="clip height, a multiple of the spatial factor (default: %(default)s)")
-    d.add_argument("--width", type=int, default=64, help="clip width, a multiple of the spatial factor (default: %(default)s)")
-
-    o = p.add_argument_group("optimization")
-    o.add_argument("--max_steps", type=int, default=100, help="optimizer steps (default: %(default)s)")
-    o.add_argument("--batch_size", type=int, default=1, help="clips per data-parallel replica per step (default: %(default)s)")
-    o.add_argument(
-        "--optimizer",
-        default="adamw",
-        choices=["adamw", "sgd"],
-        help="adamw for training; sgd makes the update proportional to the gradient, which is what the layout "
-        "exactness tests compare (an Adam first step is nearly sign(gradient) and would hide gradient errors) "
-        "(default: %(default)s)",
-    )
-    o.add_argument("--lr", type=float, default=1e-4, help="learning rate (default: %(default)s)")
-    o.add_argument("--weight_decay", type=float, default=0.0, help="weight decay (default: %(default)s)")
-    o.add_argument("--warmup_steps", type=int, default=0, help="linear learning-rate warm-up steps (default: %(default)s)")
-    o.add_argument(
-        "--lr_scheduler",
-        default="constant",
-        choices=["constant", "cosine", "linear"],
-        help="learning rate after the warm-up: constant, or decaying to 0 at --max_steps along a half cosine or a "
-        "line; the decay is laid out over --max_steps, so resume with the same --max_steps (default: %(default)s)",
-    )
-    o.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping, 0 = off (default: %(default)s)")
-    o.add_argument("--l1", type=float, default=1.0, help="weight of the mean L1 reconstruction loss (default: %(default)s)")
-    o.add_argument("--mse", type=float, default=0.0, help="weight of the mean squared reconstruction loss (default: %(default)s)")
-    o.add_argument(
-        "--kl",
-        type=float,
-        default=1e-6,
-        help="weight of the KL term, normalized like the reconstruction terms (per pixel element), so 1e-6 means "
-        "what it means in latent-diffusion VAE training; the logged 'kl' is per sample (default: %(default)s)",
-    )
-    o.add_argument(
-        "--sample_posterior",
-        action="store_true",
-        help="decode a posterior sample (noise seeded per step and sample) instead of the mean",
-    )
-    o.add_argument("--seed", type=int, default=0, help="data order and posterior noise seed (default: %(default)s)")
-
-    io = p.add_argument_group("validation, checkpoints, output")
-    io.add_argument("--output_dir", default="outputs/finetune", help="run folder (default: %(default)s)")
-    io.add_argument("--validate_every", type=int, default=50, help="validate every N steps, 0 = only at the end (default: %(default)s)")
-    io.add_argument("--checkpoint_every", type=int, default=0, help="accelerate save_state every N steps, 0 = off (default: %(default)s)")
-    io.add_argument("--resume", default=None, help="'latest' or a checkpoint folder written by --checkpoint_every")
-    io.add_argument("--log_every", type=int, default=1, help="log the training loss every N steps (default: %(default)s)")
-    io.add_argument(
-        "--export_dir",
-        default=None,
-        help="where the final model is saved with save_pretrained (default: OUTPUT_DIR/final); plain diffusers "
-        "AutoencoderKLWan.from_pretrained loads it",
-    )
-    io.add_argument(
-        "--export_dtype",
-        default=None,
-        choices=["float32", "float16", "bfloat16", "float64"],
-        help="dtype of the exported weights (default: the training dtype)",
-    )
+# A checkpoint is written to CHECKPOINTS/.tmp-step_N and renamed to CHECKPOINTS/step_N once every rank has written
+# its part and the main rank has added trainer_state.json: the rename is the marker of completeness.
+_STEP_RE = re.compile(r"step_(\d+)")
+TRAINER_STATE = "trainer_state.json"
+RUN_CONFIG = "run_config.json"
+# What --overwrite deletes: the run's own outputs, never anything else the folder holds (nor wandb/, whose offline
+# runs may not be synced yet).
+_RUN_OUTPUTS = ("checkpoints", "samples", "final", "finetune_summary.json", RUN_CONFIG)
 
 
 def latest_checkpoint(output_dir: str) -> Optional[str]:
+    """The newest complete checkpoint under ``output_dir/checkpoints`` (``None`` if there is none). Temporaries of a
+    run killed while saving (``.tmp-step_N``) never match, and neither does a folder without trainer_state.json (a
+    partial checkpoint of a version that wrote in place)."""
     folder = os.path.join(output_dir, "checkpoints")
     if not os.path.isdir(folder):
         return None
-    steps = [(int(m.group(1)), n) for n in os.listdir(folder) if (m := re.fullmatch(r"step_(\d+)", n))]
+    steps = [
+        (int(m.group(1)), n)
+        for n in os.listdir(folder)
+        if (m := _STEP_RE.fullmatch(n)) and os.path.isfile(os.path.join(folder, n, TRAINER_STATE))
+    ]
     return os.path.join(folder, max(steps)[1]) if steps else None
+
+
+def check_checkpoint(path: str) -> dict:
+    """Check that ``path`` is a complete, readable checkpoint of this recipe and return its trainer state.
+
+    One :class:`InputError` naming what is missing or unreadable: the step record, the weights, a truncated
+    safetensors or torch file (its header or zip directory is read, no pickle is executed)."""
+    from safetensors import safe_open
+    import zipfile
+
+    if not os.path.isdir(path):
+        raise InputError(f"--resume {path}: no such checkpoint folder")
+    names = set(os.listdir(path))
+    missing = []
+    if TRAINER_STATE not in names:
+        missing.append(TRAINER_STATE)
+    if not any(n.startswith(("model", "pytorch_model")) for n in names):
+        missing.append("the model weights (model.safetensors, pytorch_model.bin or pytorch_model/)")
+    if missing:
+        raise InputError(
+            f"--resume {path} is not a complete checkpoint of finetune.py: missing {' and '.join(missing)} "
+            "(an interrupted save, or another program's folder)"
+        )
+    for root, _, files in os.walk(path):
+        for name in sorted(files):
+            file = os.path.join(root, name)
+            try:
+                if name.endswith(".safetensors"):
+                    with safe_open(file, framework="pt"):
+                        pass
+                elif name.endswith((".bin", ".pkl", ".pt", ".pth")):
+                    # torch.save writes a zip; a truncated one has lost its directory at the end
+                    zipfile.ZipFile(file).close()
+            except Exception as e:  # SafetensorError, BadZipFile, OSError
+                raise InputError(f"checkpoint file {file} is truncated or corrupt ({type(e).__name__}: {e})") from e
+    state_file = os.path.join(path, TRAINER_STATE)
+    try:
+        with open(state_file) as f:
+            state = json.load(f)
+        int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"checkpoint file {state_file} is unreadable ({type(e).__name__}: {e})") from e
+    return state
+
+
+def run_config(args: argparse.Namespace, dp_degree: int, source: dict) -> dict:
+    """What a run folder records about its run (run_config.json, and each checkpoint's trainer_state.json)."""
+    recorded = {k: v for k, v in vars(args).items() if v is None or isinstance(v, (str, int, float, bool))}
+    recorded |= {
+        "world_size": dp_degree * args.sp_degree,
+        "dp_degree": dp_degree,
+        "global_batch_size": dp_degree * args.batch_size,
+        "model_source": source,
+    }
+    return recorded
+
+
+# Settings that decide the optimizer steps. The layout enters only through the global batch D x --batch_size (clips,
+# noise and loss normalization are functions of positions in the global batch), so a new --sp_degree or world size
+# with the same D is a valid resume; --max_steps only lays out a decaying schedule.
+_TRAJECTORY = (
+    "model_source", "dtype", "mixed_precision", "train", "global_batch_size", "data", "frames", "height", "width",
+    "seed", "optimizer", "lr", "weight_decay", "warmup_steps", "lr_scheduler", "max_grad_norm", "l1", "mse", "kl",
+    "sample_posterior",
+)  # fmt: skip
+
+
+def trajectory_changes(before: dict, now: dict) -> list[str]:
+    """``"name: old -> new"`` for every setting that differs and changes the training trajectory."""
+    keys = list(_TRAJECTORY) + (["max_steps"] if now.get("lr_scheduler") != "constant" else [])
+    return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in keys if k in before and before[k] != now.get(k)]
+
+
+def _check_output_paths(args: argparse.Namespace) -> None:
+    """On every rank, before anything is loaded: the run folder and the export folder can be written. A folder
+    that is a file, or cannot be created or written, would otherwise be found after the last training step."""
+    for flag, folder in (("--output_dir", args.output_dir), ("--export_dir", args.export_dir)):
+        if folder is None:
+            continue
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise InputError(f"{flag} {folder} is a file, not a folder")
+        try:
+            os.makedirs(folder, exist_ok=True)
+            # a real write: os.access says yes to root on a read-only mount
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as e:
+            raise InputError(f"{flag} {folder} cannot be written: {e.strerror or e}") from e
+
+
+def _used(output_dir: str) -> list[str]:
+    """What in ``output_dir`` belongs to an earlier run (anything but this package's temporaries)."""
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(n for n in os.listdir(output_dir) if not n.startswith(TMP_PREFIX))
 
 
 def _load_model(args, dtype: torch.dtype):
@@ -245,13 +226,14 @@ def _check_args(args, world: int) -> None:
         raise UsageError(
             f"--frames must be 1 + 4k (the video VAEs' temporal chunks), got {args.frames}; e.g. {lo} or {lo + 4}"
         )
-    for name in ("max_steps", "batch_size"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be positive")
+    if args.max_steps < 0:
+        raise UsageError("--max_steps must be >= 0 (0: validate and export the starting model only)")
+    if args.batch_size < 1:
+        raise UsageError("--batch_size must be positive")
     if args.seeded_init != "pytorch" and not args.seeded:
         raise UsageError("--seeded_init applies to a --seeded model only (a loaded model keeps its weights)")
-    if args.resume and args.resume != "latest" and not os.path.isdir(args.resume):
-        raise InputError(f"--resume {args.resume}: no such checkpoint folder")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues the run in --output_dir and --overwrite deletes it: give one of them")
 
 
 def _make_data(spec: str, args, factor: int, seed: int):
@@ -305,6 +287,15 @@ def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
     acc = rt.accelerator
     with rt.agreed():
         _check_args(args, rt.world_size)
+        used = _used(args.output_dir)
+        _check_output_paths(args)
+        if used and not args.resume and not args.overwrite:
+            shown = ", ".join(used[:4]) + (", ..." if len(used) > 4 else "")
+            raise UsageError(
+                f"--output_dir {args.output_dir} holds an earlier run ({shown}): continue it with --resume latest, "
+                "start afresh there with --overwrite, or choose a new --output_dir"
+            )
+    with rt.agreed():
         dtype = parse_dtype(args.dtype)
         vae, source = _load_model(args, dtype)
         adapter = adapter_for(vae)
@@ -338,7 +329,33 @@ def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
             )
         resume = latest_checkpoint(args.output_dir) if args.resume == "latest" else args.resume
         if args.resume == "latest" and resume is None:
-            raise InputError(f"--resume latest: no checkpoint under {os.path.join(args.output_dir, 'checkpoints')}")
+            raise InputError(
+                f"--resume latest: no complete checkpoint under {os.path.join(args.output_dir, 'checkpoints')}"
+            )
+        config = run_config(args, dp, source)
+        if resume:
+            before = check_checkpoint(resume).get("config")
+            changes = trajectory_changes(before, config) if before else []
+            if changes:
+                raise UsageError(
+                    f"--resume {resume}: this run's settings would change the training trajectory ("
+                    + "; ".join(changes)
+                    + "); resume with the checkpoint's settings, or start a new --output_dir"
+                )
+
+    # The checks passed on every rank: only now does the main rank touch the run folder.
+    if rt.is_main:
+        if args.overwrite:
+            for name in _RUN_OUTPUTS:
+                path = os.path.join(args.output_dir, name)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                elif os.path.lexists(path):
+                    os.remove(path)
+        clear_stale(args.output_dir)
+        clear_stale(os.path.join(args.output_dir, "checkpoints"))  # a kill during save_state
+        _write_json(os.path.join(args.output_dir, RUN_CONFIG), config)
+    rt.barrier()
 
     layout = hybrid_layout(args.sp_degree)
     vae = vae.to(rt.device)
@@ -376,12 +393,15 @@ def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
 
     start_step = 0
     if resume:
-        acc.load_state(resume)
-        with open(os.path.join(resume, "trainer_state.json")) as f:
-            start_step = int(json.load(f)["step"])
+        with rt.agreed():
+            try:
+                acc.load_state(resume)
+            except Exception as e:  # a file that passed check_checkpoint but still does not load
+                raise InputError(f"cannot load checkpoint {resume}: {type(e).__name__}: {e}") from e
+            with open(os.path.join(resume, TRAINER_STATE)) as f:
+                start_step = int(json.load(f)["step"])
 
-    config = {k: v for k, v in vars(args).items()} | layout.describe() | {"model_source": source}
-    start_tracking(rt, report_to=args.report_to, project=args.tracker_project, run_name=args.run_name, config=config, dir=args.output_dir)
+    start_tracking(rt, report_to=args.report_to, project=args.tracker_project, run_name=args.run_name, config=config | layout.describe(), dir=args.output_dir)
 
     frames = (adapter.latent_frames(vae, args.frames),) if adapter.video else ()
     latent_shape = (adapter.latent_channels(vae),) + frames + (args.height // factor, args.width // factor)
@@ -443,9 +463,11 @@ def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
         if (args.validate_every and (step + 1) % args.validate_every == 0) or last:
             val_history.append(_validate(rt, layout, vae, val_data, step + 1, args, dtype, step_times))
         if args.checkpoint_every and ((step + 1) % args.checkpoint_every == 0 or last):
-            _save_checkpoint(rt, args.output_dir, step + 1)
+            _save_checkpoint(rt, args.output_dir, step + 1, config)
     if progress is not None:
         progress.close()
+    if not history and not val_history:  # --max_steps 0, or resumed at the end: validate what is exported
+        val_history.append(_validate(rt, layout, vae, val_data, start_step, args, dtype, step_times))
 
     export_dir = args.export_dir or os.path.join(args.output_dir, "final")
     _export(rt, module, vae, export_dir, parse_dtype(args.export_dtype) if args.export_dtype else dtype)
@@ -460,15 +482,21 @@ def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
     if rt.is_main:
         os.makedirs(args.output_dir, exist_ok=True)
         _write_json(os.path.join(args.output_dir, "finetune_summary.json"), summary)
+        last = val_history[-1]
+        print(
+            f"finetune: final model in {os.path.abspath(export_dir)} (diffusers from_pretrained loads it); "
+            f"{len(history)} steps on {layout.world} process{'es' if layout.world > 1 else ''} (D={layout.dp_degree} "
+            f"x S={layout.sp_degree}); validation PSNR {last['psnr']:.2f} dB, SSIM {last['ssim']:.4f} at step "
+            f"{last['step']}; summary in {os.path.join(os.path.abspath(args.output_dir), 'finetune_summary.json')}",
+            flush=True,
+        )
     return summary
 
 
 def _write_json(path: str, obj) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # atomic, with the modes a plain open() gives
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
 
 
 @torch.no_grad()
@@ -533,14 +561,24 @@ def _validate(rt: Runtime, layout, vae, val_data, step: int, args, dtype, step_t
     return result
 
 
-def _save_checkpoint(rt: Runtime, output_dir: str, step: int) -> None:
-    """accelerate save_state (every rank: collective under DeepSpeed) plus the step, written last by the main rank
-    so a folder with trainer_state.json is complete."""
-    path = os.path.join(output_dir, "checkpoints", f"step_{step:06d}")
-    rt.accelerator.save_state(path)
+def _save_checkpoint(rt: Runtime, output_dir: str, step: int, config: dict) -> None:
+    """accelerate save_state (every rank: collective under DeepSpeed) into a temporary folder; the main rank adds
+    trainer_state.json (the step and the run configuration) and renames the folder into place once every rank has
+    finished. A kill at any point leaves the previous checkpoints as they were, and only a stale temporary."""
+    folder = os.path.join(output_dir, "checkpoints")
+    path = os.path.join(folder, f"step_{step:06d}")
+    tmp = os.path.join(folder, f"{TMP_PREFIX}step_{step:06d}")  # the same name on every rank
+    if rt.is_main and os.path.isdir(tmp):
+        shutil.rmtree(tmp)
+    rt.barrier()
+    rt.accelerator.save_state(tmp)
     rt.barrier()
     if rt.is_main:
-        _write_json(os.path.join(path, "trainer_state.json"), {"step": step})
+        _write_json(os.path.join(tmp, TRAINER_STATE), {"step": step, "config": config})
+        publish_modes(tmp)
+        if os.path.isdir(path):  # the same step saved again (a resumed run): replace it whole
+            shutil.rmtree(path)
+        os.replace(tmp, path)
     rt.barrier()
 
 
@@ -559,6 +597,7 @@ def _export(rt: Runtime, module, vae, export_dir: str, dtype: torch.dtype) -> No
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
         plain.save_pretrained(tmp)
+        publish_modes(tmp)  # mkdtemp made it 0700 and safetensors 0600
         if os.path.isdir(export_dir):
             shutil.rmtree(export_dir)
         os.replace(tmp, export_dir)

@@ -238,6 +238,25 @@ def load_pretrained(
     if not _HUB_ID.match(path_or_id):
         raise InputError(f"--pretrained {path_or_id}: no such folder (and it is not a hub id like org/name)")
     tries = [subfolder] if subfolder is not None else ["vae", ""]
+    # Without a network huggingface_hub retries for about a minute on every rank and then reports a missing
+    # config.json: decide up front, and use only the local cache when the hub cannot be reached.
+    offline = _hub_offline()
+    unreachable = None if offline else _hub_unreachable()
+    if offline or unreachable:
+        for sub in tries:
+            try:
+                vae = _from_pretrained(path_or_id, sub, dtype, local_files_only=True)
+            except InputError:
+                raise
+            except Exception:
+                continue
+            source = {"kind": "pretrained", "path": path_or_id, "subfolder": sub, "hub": True, "cached": True}
+            return _ready(vae, dtype), source
+        why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else unreachable
+        raise InputError(
+            f"--pretrained {path_or_id}: cannot reach the model hub ({why}); pass a local folder or set "
+            "HF_HUB_OFFLINE=1 with a cached model"
+        )
     errors = []
     for sub in tries:
         try:
@@ -253,6 +272,33 @@ def load_pretrained(
         + "; ".join(errors)
         + ")"
     )
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_unreachable(timeout: float = 3.0) -> Optional[str]:
+    """Why the hub cannot be reached (one TCP connection to it, or to the HTTPS proxy), or ``None`` if it can."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    endpoint = urlparse(constants.ENDPOINT)
+    target = endpoint
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") if endpoint.scheme == "https" else None
+    if proxy:
+        target = urlparse(proxy if "://" in proxy else "http://" + proxy)
+    host = target.hostname
+    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{host}:{port}: {e.strerror or type(e).__name__}"
+    return None
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -511,6 +557,8 @@ def load_latents(path: str, key: Optional[str] = None, ndim: int = 5) -> torch.T
     (they are normalized; see :func:`denormalize_latents`).
     """
     p = Path(os.path.expanduser(path))
+    if p.is_dir():
+        raise InputError(f"--latents {path} is a directory; pass the latents file itself")
     if not p.is_file():
         raise InputError(f"latents file not found: {path}")
     ext = p.suffix.lower()

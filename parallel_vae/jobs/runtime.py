@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import math
 import netrc
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -29,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import InputError
+from .cli import DEFAULT_TIMEOUT_S, ArgumentParser, UsageError, add_runtime_args  # torch-free, for --help
 from ..core.sharding import ShardingError
 
 __all__ = [
@@ -43,24 +46,12 @@ __all__ = [
     "DEFAULT_TIMEOUT_S",
 ]
 
-# Long enough for the slowest step between two collectives of a real decode (a rank waiting for rank 0 to write
-# the mp4 of an 81-frame 720p video), short enough that a hang is noticed.
-DEFAULT_TIMEOUT_S = 900
+# How gloo and NCCL word a collective that ran past the process group's timeout.
+_TIMED_OUT = re.compile(r"timed? ?out|timeout", re.IGNORECASE)
+_POINTER = re.compile(r"0x[0-9a-fA-F]+")
 
 # Errors that mean "the user's input cannot be used"; anything else is a bug and keeps its traceback.
 _INPUT_ERRORS = (InputError, ShardingError, OSError)
-
-
-class UsageError(InputError):
-    """A command-line flag is missing, unknown or has a bad value (exit status 2, as argparse uses)."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that raises :class:`UsageError` instead of printing and exiting, so that under a multi-process
-    launch the message is printed once, by the main rank, like every other input error."""
-
-    def error(self, message: str):  # noqa: D401 (argparse's name)
-        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 class AgreedError(Exception):
@@ -136,7 +127,9 @@ class Runtime:
             return
         texts = {}
         for r, (text, _) in failed:
-            texts.setdefault(text, []).append(r)
+            # ffmpeg and other C libraries put object addresses in their messages ("[mov,mp4 @ 0x55d0c1a2]"):
+            # the same error on every rank, said once.
+            texts.setdefault(_POINTER.sub("0x…", text), []).append(r)
         if len(texts) == 1 and len(failed) == self.world_size:
             message = next(iter(texts))  # the same on every rank: say it once, without rank numbers
         else:
@@ -209,27 +202,6 @@ def start_runtime(
     return Runtime(accelerator, prog=prog)
 
 
-def add_runtime_args(parser: argparse.ArgumentParser) -> None:
-    """The flags every recipe shares: experiment tracking and the collective timeout."""
-    g = parser.add_argument_group("tracking and runtime")
-    g.add_argument(
-        "--report_to",
-        default="none",
-        choices=["none", "wandb"],
-        help="experiment tracker, through accelerate's tracker API. wandb runs offline (files under "
-        "OUTPUT_DIR/wandb, sync later with `wandb sync`) when there is no login (no WANDB_API_KEY, no netrc "
-        "entry) or WANDB_MODE=offline (default: %(default)s)",
-    )
-    g.add_argument("--tracker_project", default="parallel_vae", help="wandb project name (default: %(default)s)")
-    g.add_argument("--run_name", default=None, help="wandb run name (default: wandb picks one)")
-    g.add_argument(
-        "--timeout",
-        type=float,
-        default=DEFAULT_TIMEOUT_S,
-        help="seconds a rank waits in a collective before the run fails instead of hanging (default: %(default)s)",
-    )
-
-
 def wandb_mode() -> str:
     """``online`` when wandb has credentials, else ``offline``; an explicit ``WANDB_MODE`` wins.
 
@@ -276,10 +248,14 @@ def run_recipe(
     usage, args = None, None
     try:
         args = parser.parse_args(argv)
+        timeout = getattr(args, "timeout", DEFAULT_TIMEOUT_S)
+        if not (timeout > 0 and math.isfinite(timeout)):
+            # checked before the process group exists: c10d itself crashes on a timeout of 0 or less
+            raise UsageError(f"--timeout must be a positive number of seconds, got {timeout}")
     except UsageError as e:
         usage = e
     rt = start_runtime(
-        timeout_s=getattr(args, "timeout", DEFAULT_TIMEOUT_S),
+        timeout_s=DEFAULT_TIMEOUT_S if usage is not None else getattr(args, "timeout", DEFAULT_TIMEOUT_S),
         log_with=None if args is None or getattr(args, "report_to", "none") == "none" else args.report_to,
         prog=parser.prog,
         **(accelerator_kwargs(args) if accelerator_kwargs is not None and args is not None else {}),
@@ -288,10 +264,21 @@ def run_recipe(
         with rt.agreed():
             if usage is not None:
                 raise usage
-            if args.timeout <= 0:
-                raise UsageError(f"--timeout must be positive, got {args.timeout}")
         job(rt, args)
     except AgreedError as e:
         return rt.fail(e)
+    except RuntimeError as e:
+        if not (rt.distributed and _TIMED_OUT.search(str(e))):
+            raise  # a bug: keep the traceback
+        # A rank stopped or died while this one waited in a collective. The others may never arrive: no barrier,
+        # no destroy_process_group (both would wait again); the launcher stops the remaining ranks.
+        first = str(e).strip().splitlines()[0][:200]
+        print(
+            f"{parser.prog}: error: rank {rt.rank} of {rt.world_size} waited --timeout {args.timeout:g} s in a "
+            f"collective that another rank never joined (stopped, killed or far slower): {first}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
     rt.close()
     return 0
