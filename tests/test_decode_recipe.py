@@ -189,7 +189,7 @@ def _bad_inputs(tmp: Path, z_dim: int) -> dict:
         "unreadable file": (["--latents", str(tmp / "garbage.safetensors")], 1, "cannot read latents file"),
         "channel mismatch": (["--latents", str(tmp / "channels.safetensors")], 1,
                              f"have {z_dim + 1} channels (dim 1 of (1, {z_dim + 1}, 2, 4, 4)), but the model's "
-                             f"z_dim is {z_dim}"),
+                             f"latent channels are {z_dim}"),
         "fewer rows than ranks": (["--latents", str(tmp / "one_row.safetensors"), "--parallel", "on"], 1,
                                   "1 latent rows (8 pixel rows) cannot be split over 2 ranks"),
         "video size": (["--video", str(tmp / "odd.mp4")], 1,
