@@ -28,6 +28,7 @@ from .sharding import ShardingError, row_split
 
 __all__ = [
     "halo_exchange",
+    "neighbor_rows",
     "halo_pad",
     "scatter_rows",
     "gather_rows",
@@ -301,6 +302,56 @@ def _halo_return(grad: torch.Tensor, group, dim: int, top: int, bottom: int, bot
     return out
 
 
+def _neighbor_rows(x: torch.Tensor, group, dim: int, top: int, bottom: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the last ``top`` rows of the rank above, the first ``bottom`` rows of the rank below); a global edge rank
+    gets 0 rows on its open side. Only the halo rows are allocated: no copy of ``x``."""
+    rank, size = group_rank(group), group_size(group)
+    last = rank == size - 1
+    above = x.new_empty(_rows_shape(x, dim, top if rank > 0 else 0))
+    below = x.new_empty(_rows_shape(x, dim, bottom if not last else 0))
+    rows = x.size(dim)
+    sends, recvs = [], []
+    if above.size(dim):
+        recvs.append((above, rank - 1))
+    if below.size(dim):
+        recvs.append((below, rank + 1))
+    if top and not last:
+        sends.append((x.narrow(dim, rows - top, top).contiguous(), rank + 1))
+    if bottom and rank > 0:
+        sends.append((x.narrow(dim, 0, bottom).contiguous(), rank - 1))
+    _p2p(sends, recvs, group)
+    return above, below
+
+
+def _neighbor_rows_return(g_above, g_below, g_x: torch.Tensor, group, dim: int, top: int, bottom: int):
+    """Mirror of :func:`_neighbor_rows`: each halo's gradient goes back to the rank that owns those rows, which adds
+    it to its own edge rows of (a copy of) ``g_x``, x's gradient from its other uses."""
+    rank, size = group_rank(group), group_size(group)
+    last = rank == size - 1
+    rows = g_x.size(dim)
+    like = g_x
+    sends, recvs = [], []
+    if g_above.size(dim):
+        sends.append((g_above.contiguous(), rank - 1))
+    if g_below.size(dim):
+        sends.append((g_below.contiguous(), rank + 1))
+    from_below = like.new_empty(_rows_shape(like, dim, top)) if top and not last else None
+    from_above = like.new_empty(_rows_shape(like, dim, bottom)) if bottom and rank > 0 else None
+    if from_below is not None:
+        recvs.append((from_below, rank + 1))
+    if from_above is not None:
+        recvs.append((from_above, rank - 1))
+    _p2p(sends, recvs, group)
+    if from_below is None and from_above is None:
+        return g_x
+    out = g_x.clone(memory_format=torch.contiguous_format)  # autograd may hand the same buffer to other nodes
+    if from_below is not None:
+        out.narrow(dim, rows - top, top).add_(from_below)
+    if from_above is not None:
+        out.narrow(dim, 0, bottom).add_(from_above)
+    return out
+
+
 def all_gather_sizes(rows: int, group, device: torch.device) -> list[int]:
     """Row count of every rank of ``group`` (one small all-gather).
 
@@ -424,6 +475,25 @@ class _HaloPad(torch.autograd.Function):
         return (g_x, g_prefix, g_above, g_below, g_fill_top, g_fill_bottom) + (None,) * 7
 
 
+class _NeighborRows(torch.autograd.Function):
+    """forward: (x itself, the neighbours' edge rows), no copy of x; backward: send the halo rows' gradients back to
+    their owners, who add them to their edge rows of x's gradient.
+
+    x passes through (a view) so that every rank runs this backward: a rank whose own halos happen to be unused
+    (rank 0 of a layer that reads nothing from below) must still answer its neighbour's send."""
+
+    @staticmethod
+    def forward(ctx, x, group, dim, top, bottom):
+        ctx.group, ctx.dim, ctx.top, ctx.bottom = group, dim, top, bottom
+        above, below = _neighbor_rows(x, group, dim, top, bottom)
+        return x.view_as(x), above, below
+
+    @staticmethod
+    def backward(ctx, g_x, g_above, g_below):
+        g = _neighbor_rows_return(g_above, g_below, g_x, ctx.group, ctx.dim, ctx.top, ctx.bottom)
+        return g, None, None, None, None
+
+
 class _ScatterToSpatialRegion(torch.autograd.Function):
     """forward: keep my rows of a replicated tensor; backward: all-gather the row gradients."""
 
@@ -511,6 +581,16 @@ def halo_pad(
     return _HaloPad.apply(
         x, prefix, above, below, fill_top, fill_bottom, group, dim, top, bottom, bottom_edge, cat_dim, zero_front
     )
+
+
+def neighbor_rows(x: torch.Tensor, group=None, dim: int = -2, top: int = 1, bottom: int = 1):
+    """forward: (``x``, the ``top`` last rows of the rank above, the ``bottom`` first rows of the rank below), 0 rows
+    at the global edges, without copying ``x``; backward: the halo rows' gradients go back to the owners' edge rows
+    (dim ``dim``). Use the returned ``x`` (not the argument) downstream: it carries the backward on every rank."""
+    dim = dim % x.dim()
+    if group_size(group) == 1:
+        return x, x.narrow(dim, 0, 0), x.narrow(dim, 0, 0)
+    return _NeighborRows.apply(x, group, dim, top, bottom)
 
 
 def scatter_rows(

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .comm import group_rank, group_size, halo_pad
+from .comm import group_rank, group_size, halo_pad, neighbor_rows
 from .plan import SpatialState
 from .sharding import ShardingError
 
@@ -169,11 +169,69 @@ def _check_aligned(rows: int, stride: int, group) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _rows_of(t: torch.Tensor, rows: int) -> torch.Tensor:
+    shape = list(t.shape)
+    shape[-2] = rows
+    return t.new_zeros(shape)
+
+
+def corrected_conv(conv: nn.Module, x: torch.Tensor, group) -> Optional[torch.Tensor]:
+    """A zero-padded ``nn.Conv2d``/``nn.Conv3d`` on this rank's rows without copying them into a padded buffer.
+
+    The convolution runs on ``x`` with its own zero padding, which is right everywhere except the output rows whose
+    kernel reaches past an inner shard boundary, where it saw zeros instead of the neighbour's rows. Those rows get
+    the missing part added: the kernel taps that land on the neighbour's rows, applied to those rows alone (the
+    rest of that small slab is zeros, their part is already in the output). The live memory is the input and the
+    output, as for the unsharded layer (a padded copy would add a third tensor of the layer's size at the peak),
+    and the extra work is a fraction of one output row per boundary.
+
+    Returns None where the geometry does not allow it (the conv's own padding would change a shard's output count,
+    or a halo deeper than the padding); the caller then uses the padded-copy path. The decision depends on the
+    layer alone, so every rank takes the same path and the exchanges pair up."""
+    kh, sh, dh, ph = conv.kernel_size[-2], conv.stride[-2], conv.dilation[-2], conv.padding[-2]
+    rows = x.shape[-2]
+    rank, size = group_rank(group), group_size(group)
+    last = rank == size - 1
+    reach = dh * (kh - 1)
+    n_out = (rows + 2 * ph - reach - 1) // sh + 1
+    inner = reach - ph - (sh - 1)
+    if inner < 0 or inner > ph or not -sh <= 2 * ph - reach - 1 <= -1:
+        return None  # same on every rank: geometry only
+    if rows < max(ph, inner):
+        raise ShardingError(f"a shard of {rows} rows cannot supply a halo of {max(ph, inner)} rows")
+    x, above, below = neighbor_rows(x, group, dim=-2, top=ph, bottom=inner)
+    y = _conv(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    other = list(conv.padding)
+    other[-2] = 0
+    weight = conv.weight
+    if above.shape[-2]:
+        taps = -(-ph // dh)  # kernel rows that reach above row 0 from output row 0
+        n_top = -(-ph // sh)  # output rows that reach above row 0
+        # slab rows -ph .. -ph + length - 1: the rows above (received), then zeros for my own rows
+        length = (n_top - 1) * sh + (taps - 1) * dh + 1
+        slab = above.narrow(-2, 0, length) if length <= ph else torch.cat([above, _rows_of(above, length - ph)], -2)
+        fix = _conv(slab, weight.narrow(-2, 0, taps), None, conv.stride, tuple(other), conv.dilation, conv.groups)
+        y.narrow(-2, 0, n_top).add_(fix)
+    if below.shape[-2]:
+        first = max(0, -(-(rows + ph - reach) // sh))  # first output row that reaches below my last row
+        tap0 = max(0, -(-(rows - (n_out - 1) * sh + ph) // dh))  # first kernel row that reaches below, at the last output
+        start = first * sh - ph + tap0 * dh
+        end = (n_out - 1) * sh - ph + reach  # = rows + inner - 1
+        if start >= rows:
+            slab = below.narrow(-2, start - rows, end - start + 1)
+        else:
+            slab = torch.cat([_rows_of(below, rows - start), below], -2)
+        fix = _conv(slab, weight.narrow(-2, tap0, kh - tap0), None, conv.stride, tuple(other), conv.dilation, conv.groups)
+        y.narrow(-2, first, n_out - first).add_(fix)
+    return y
+
+
 class HaloConv:
     """``nn.Conv2d`` / ``nn.Conv3d`` with its own padding (any mode but circular): the rows' padding becomes a halo.
 
-    Width (and time) padding stays the layer's own: zeros go to the kernel as padding, other modes are applied with
-    ``F.pad`` first, exactly as ``nn.ConvNd`` does for them."""
+    Zero padding (the common case) runs :func:`corrected_conv`: no padded copy of the input. Other modes pad the
+    width (and time) with ``F.pad`` exactly as ``nn.ConvNd`` does for them, and the rows with a halo whose global
+    edges are the layer's own padding."""
 
     _pv_state: SpatialState
 
@@ -181,6 +239,11 @@ class HaloConv:
         group = self._pv_state.group
         kh, sh, dh, ph = self.kernel_size[-2], self.stride[-2], self.dilation[-2], self.padding[-2]
         mode = self.padding_mode
+        if mode == "zeros":
+            _check_aligned(x.shape[-2], sh, group)
+            y = corrected_conv(self, x, group)
+            if y is not None:
+                return y
         other = list(self.padding)
         other[-2] = 0
         if mode != "zeros":
