@@ -18,21 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tests.dist_harness import run_ranks, values
-
-
-class _SumGradsOverGroup(torch.autograd.Function):
-    """forward: identity on a replicated tensor; backward: sum the gradient over the group (gradient contract)."""
-
-    @staticmethod
-    def forward(ctx, w, group):
-        ctx.group = group
-        return w.view_as(w)
-
-    @staticmethod
-    def backward(ctx, g):
-        g = g.clone()
-        dist.all_reduce(g, group=ctx.group)
-        return g, None
+from tests.test_comm import _SumGradsOverGroup  # forward: identity; backward: sum over the group
 
 
 def _state(group):

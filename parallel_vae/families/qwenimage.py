@@ -19,9 +19,7 @@ from __future__ import annotations
 import torch.nn as nn
 from diffusers.models.autoencoders import autoencoder_kl_qwenimage as qwen
 
-from ..core.plan import classify
-from .base import FamilyAdapter, mean_std_normalization
-from .wan import _MODES, causal_vae_treatment, check_resample_modes
+from .wan import CausalCacheAdapter
 
 __all__ = ["QwenImageAdapter"]
 
@@ -38,63 +36,20 @@ _CONTAINERS = (
 )
 
 
-class QwenImageAdapter(FamilyAdapter):
+class QwenImageAdapter(CausalCacheAdapter):
     name = "qwenimage"
     model_class = qwen.AutoencoderKLQwenImage
-    video = True
-    uses_latent_stats = True
-
-    def plan(self, vae):
-        check_resample_modes(vae, qwen.QwenImageResample)
-
-        def treat(name, m, parents):
-            return causal_vae_treatment(
-                name, m, parents, causal_conv=qwen.QwenImageCausalConv3d, attention=qwen.QwenImageAttentionBlock,
-                resample=qwen.QwenImageResample, modes=_MODES,
-            )
-
-        return classify(vae, _CONTAINERS, _LOCAL, treat)
+    causal_conv, attention, resample = qwen.QwenImageCausalConv3d, qwen.QwenImageAttentionBlock, qwen.QwenImageResample
+    local, containers = _LOCAL, _CONTAINERS
 
     def spatial_factor(self, vae) -> int:
         return 2 ** len(vae.temperal_downsample)
-
-    def latent_channels(self, vae) -> int:
-        return int(vae.config.z_dim)
 
     def pixel_channels(self, vae) -> int:
         return int(vae.config.input_channels)
 
     def temporal_factor(self, vae) -> int:
         return 2 ** sum(bool(t) for t in vae.temperal_downsample)
-
-    def progress_total(self, vae, x, decode: bool) -> int:
-        # the decoder runs once per latent frame, the encoder once per chunk of 1, 4, 4, ... frames
-        return x.shape[2] if decode else 1 + (x.shape[2] - 1) // self.temporal_factor(vae)
-
-    def checkpointed_blocks(self, vae):
-        blocks = [(f"encoder.down_blocks.{i}", b) for i, b in enumerate(vae.encoder.down_blocks)]
-        blocks.append(("encoder.mid_block", vae.encoder.mid_block))
-        blocks.append(("decoder.mid_block", vae.decoder.mid_block))
-        blocks += [(f"decoder.up_blocks.{i}", b) for i, b in enumerate(vae.decoder.up_blocks)]
-        return blocks
-
-    def enable_checkpointing(self, vae) -> None:
-        from ..checkpointing import enable_cache_checkpointing
-
-        enable_cache_checkpointing(self.checkpointed_blocks(vae))
-
-    def disable_checkpointing(self, vae) -> None:
-        from ..checkpointing import disable_cache_checkpointing
-
-        disable_cache_checkpointing(self.checkpointed_blocks(vae))
-
-    def denormalize(self, vae, z):
-        mean, std = mean_std_normalization(vae, z)
-        return z * std + mean
-
-    def normalize(self, vae, z):
-        mean, std = mean_std_normalization(vae, z)
-        return (z - mean) / std
 
 
 ADAPTER = QwenImageAdapter()

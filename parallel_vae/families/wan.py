@@ -24,7 +24,7 @@ from ..core.halo import HaloCausalConv, HaloConv, HaloZeroPad2d
 from ..core.plan import SpatialState, Treatment, classify, original_class, sharded_class, unknown_module
 from .base import FamilyAdapter, mean_std_normalization
 
-__all__ = ["WanAdapter", "ShardedFrameAttention", "causal_vae_treatment"]
+__all__ = ["WanAdapter", "CausalCacheAdapter", "ShardedFrameAttention", "causal_vae_treatment"]
 
 
 class ShardedFrameAttention:
@@ -123,38 +123,31 @@ def check_resample_modes(vae: nn.Module, resample: type) -> None:
             raise NotImplementedError(f"unknown {resample.__name__} mode {m.mode!r} at {name}")
 
 
-class WanAdapter(FamilyAdapter):
-    name = "wan"
-    model_class = wan.AutoencoderKLWan
+class CausalCacheAdapter(FamilyAdapter):
+    """What Wan-style causal VAEs (Wan, Qwen-Image) share: the class names differ, the machinery does not. A
+    subclass names its causal conv, attention block, resample class and module lists."""
+
     video = True
     uses_latent_stats = True
+    causal_conv: type
+    attention: type
+    resample: type
+    local: tuple = ()
+    containers: tuple = ()
 
     def plan(self, vae):
-        check_resample_modes(vae, wan.WanResample)
+        check_resample_modes(vae, self.resample)
 
         def treat(name, m, parents):
             return causal_vae_treatment(
-                name, m, parents, causal_conv=wan.WanCausalConv3d, attention=wan.WanAttentionBlock,
-                resample=wan.WanResample, modes=_MODES,
+                name, m, parents, causal_conv=self.causal_conv, attention=self.attention, resample=self.resample,
+                modes=_MODES,
             )
 
-        return classify(vae, _CONTAINERS, _LOCAL, treat)
-
-    def spatial_factor(self, vae) -> int:
-        """2**(number of spatial downsamples) x patch size (8 for Wan2.1, 16 for Wan2.2)."""
-        cfg = vae.config
-        return 2 ** (len(cfg.dim_mult) - 1) * (cfg.patch_size or 1)
+        return classify(vae, self.containers, self.local, treat)
 
     def latent_channels(self, vae) -> int:
         return int(vae.config.z_dim)
-
-    def temporal_factor(self, vae) -> int:
-        return int(vae.config.scale_factor_temporal)
-
-    def pixel_channels(self, vae) -> int:
-        """Channels of the pixel video (before Wan2.2's patchify folds patch_size**2 pixels into channels)."""
-        p = vae.config.patch_size or 1
-        return int(vae.config.in_channels) // (p * p)
 
     def progress_total(self, vae, x, decode: bool) -> int:
         # the decoder runs once per latent frame, the encoder once per chunk of 1, 4, 4, ... frames
@@ -168,6 +161,7 @@ class WanAdapter(FamilyAdapter):
         return blocks
 
     def enable_checkpointing(self, vae) -> None:
+        # diffusers marks these classes as not supporting checkpointing (their blocks mutate a shared cache list)
         from ..checkpointing import enable_cache_checkpointing
 
         enable_cache_checkpointing(self.checkpointed_blocks(vae))
@@ -184,6 +178,26 @@ class WanAdapter(FamilyAdapter):
     def normalize(self, vae, z):
         mean, std = mean_std_normalization(vae, z)
         return (z - mean) / std
+
+
+class WanAdapter(CausalCacheAdapter):
+    name = "wan"
+    model_class = wan.AutoencoderKLWan
+    causal_conv, attention, resample = wan.WanCausalConv3d, wan.WanAttentionBlock, wan.WanResample
+    local, containers = _LOCAL, _CONTAINERS
+
+    def spatial_factor(self, vae) -> int:
+        """2**(number of spatial downsamples) x patch size (8 for Wan2.1, 16 for Wan2.2)."""
+        cfg = vae.config
+        return 2 ** (len(cfg.dim_mult) - 1) * (cfg.patch_size or 1)
+
+    def temporal_factor(self, vae) -> int:
+        return int(vae.config.scale_factor_temporal)
+
+    def pixel_channels(self, vae) -> int:
+        """Channels of the pixel video (before Wan2.2's patchify folds patch_size**2 pixels into channels)."""
+        p = vae.config.patch_size or 1
+        return int(vae.config.in_channels) // (p * p)
 
 
 ADAPTER = WanAdapter()
