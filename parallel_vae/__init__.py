@@ -1,4 +1,5 @@
-"""parallel_vae: exact, differentiable, spatially parallel Wan video VAE (diffusers ``AutoencoderKLWan``).
+"""parallel_vae: exact, differentiable, spatially parallel diffusers VAEs (Wan, Qwen-Image, HunyuanVideo,
+HunyuanVideo-1.5, AutoencoderKL, Flux.2; ``parallel_vae.families.FAMILIES``).
 
 Public API (see README.md):
 
@@ -19,7 +20,7 @@ _LAZY = {
     **dict.fromkeys(
         ["disable_spatial_parallelism", "enable_spatial_parallelism", "gather_shards", "is_spatially_parallel",
          "local_rows", "shard_latents", "shard_video", "sharded_decode", "sharded_encode", "spatial_group",
-         "spatial_size"],
+         "spatial_size", "SpatialTimeoutError"],
         ".api",
     ),
     "decode_video": ".pipeline",
@@ -73,6 +74,7 @@ __all__ = [
     "scatter_rows",
     "gather_rows",
     "ShardingError",
+    "SpatialTimeoutError",
     "row_split",
     "row_offsets",
     "spatial_factor",

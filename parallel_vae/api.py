@@ -19,6 +19,7 @@ Rows are always dim -2.
 
 from __future__ import annotations
 
+import datetime
 import os
 import types
 from typing import Optional
@@ -44,6 +45,7 @@ __all__ = [
     "shard_latents",
     "gather_shards",
     "local_rows",
+    "SpatialTimeoutError",
 ]
 
 _STATE_ATTR = "_pv_state"
@@ -58,7 +60,7 @@ _OPS = ["encode", "decode", "sharded_encode", "sharded_decode"]
 # --------------------------------------------------------------------------------------------------------------
 
 
-def enable_spatial_parallelism(vae, group: Optional[dist.ProcessGroup] = None):
+def enable_spatial_parallelism(vae, group: Optional[dist.ProcessGroup] = None, *, timeout: Optional[float] = None):
     """Parallelize ``vae`` over the ranks of ``group`` by rows, in place, and return it.
 
     Arguments:
@@ -67,6 +69,10 @@ def enable_spatial_parallelism(vae, group: Optional[dist.ProcessGroup] = None):
             ``state_dict`` keys are unchanged, so a model saved while enabled loads in plain diffusers.
         group: the spatial process group. ``None`` means the default (world) group. Every rank of the group must
             call this, and then call the same encode/decode methods in the same order.
+        timeout: seconds every rank of the group waits for the others at the start of each encode/decode (the
+            shape agreement) before it fails with a ``SpatialTimeoutError`` naming the operation and, on gloo, the
+            ranks that did not arrive. ``None``: the process group's own timeout (``init_process_group(timeout=)``,
+            whose default is 30 minutes on gloo and 10 on NCCL; set it, e.g. ``datetime.timedelta(minutes=5)``).
 
     Returns:
         ``vae`` itself. With a group of one rank nothing is changed (the cheap no-op path).
@@ -91,7 +97,10 @@ def enable_spatial_parallelism(vae, group: Optional[dist.ProcessGroup] = None):
     if group is not None and group is not dist.GroupMember.WORLD and dist.get_rank(group) < 0:
         raise ValueError("this process is not a member of the given group; only members may enable it")
     size = group_size(group)
+    if timeout is not None and not (isinstance(timeout, (int, float)) and 0 < timeout < float("inf")):
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     state = SpatialState(group, size, adapter.spatial_factor(vae), adapter)
+    state.timeout = timeout
     if size > 1:
         plan = adapter.plan(vae)  # raises before anything is changed if the model holds an unknown module
         apply_plan(vae, plan, state)
@@ -163,7 +172,12 @@ def _agree(vae, op: str, x: torch.Tensor, state: SpatialState) -> list[int]:
     dtype_code = _DTYPES.index(x.dtype) if x.dtype in _DTYPES else -1
     meta = torch.tensor([_OPS.index(op), dtype_code, x.dim()] + dims, dtype=torch.int64, device=x.device)
     table = torch.empty((state.size, meta.numel()), dtype=torch.int64, device=x.device)
-    _all_gather_single(table, meta.unsqueeze(0), state.group)
+    timeout = getattr(state, "timeout", None)
+    if timeout is None:
+        _all_gather_single(table, meta.unsqueeze(0), state.group)
+    else:
+        _arrive_within(state, op, timeout)
+        _all_gather_single(table, meta.unsqueeze(0), state.group)
     rows = [[int(v) for v in r] for r in table.tolist()]
 
     def fail(msg: str):
@@ -207,6 +221,44 @@ def _agree(vae, op: str, x: torch.Tensor, state: SpatialState) -> list[int]:
         hint = "" if latent else f" (nearest: {', '.join(str(nearest_valid(heights[r], factor)) for r in bad)})"
         fail(f"every rank's shard needs {need}; ranks {bad} have heights {[heights[r] for r in bad]}{hint}")
     return heights
+
+
+class SpatialTimeoutError(TimeoutError):
+    """A rank of the spatial group did not arrive at an encode/decode within ``enable_spatial_parallelism``'s
+    ``timeout``."""
+
+
+def _arrive_within(state: SpatialState, op: str, timeout: float) -> None:
+    """Every rank of the group meets here within ``timeout`` seconds, or this rank raises naming the operation.
+
+    gloo: ``monitored_barrier`` names the ranks that did not arrive (group rank 0 sees them; the others see that
+    rank 0 gave up). Other backends: the agreement's all-gather itself is awaited with the deadline."""
+    deadline = datetime.timedelta(seconds=timeout)
+    group = state.group
+    if dist.get_backend(group) == "gloo":
+        try:
+            dist.monitored_barrier(group=group, timeout=deadline, wait_all_ranks=True)
+        except RuntimeError as e:
+            raise SpatialTimeoutError(
+                f"{op}: the spatial group did not meet within {timeout:g} s ({str(e).splitlines()[0]}); a rank of "
+                "the group stopped or is not calling the same encode/decode"
+            ) from None
+        return
+    probe = torch.zeros(1, device=state_device(group))
+    work = dist.all_reduce(probe, group=group, async_op=True)
+    try:
+        work.wait(timeout=deadline)
+    except RuntimeError as e:
+        raise SpatialTimeoutError(
+            f"{op}: the spatial group did not meet within {timeout:g} s ({str(e).splitlines()[0]})"
+        ) from None
+
+
+def state_device(group) -> torch.device:
+    """The device a collective of ``group`` runs on (NCCL: this rank's current CUDA device)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _check_tiling(vae) -> None:

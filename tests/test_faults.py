@@ -314,3 +314,43 @@ def test_help_is_instant_and_printed_by_rank_0_only(tmp_path):
             text = " ".join(proc.stdout.split())
             for number in ("(0.48x)", "1.08x at 64", "1.13x at 160", "1.28x at 240", "3.43x at 640", "1.63x at 64"):
                 assert number in text and number in " ".join(readme.split()), number
+
+
+def _late_rank_worker(rank, world, delay):
+    import time
+
+    import torch
+
+    import parallel_vae as pv
+    from parallel_vae.jobs.models import build_wan_vae
+
+    torch.set_num_threads(1)
+    vae = build_wan_vae("wan2.1", base_dim=8, z_dim=4, seed=0)
+    pv.enable_spatial_parallelism(vae, timeout=2.0)
+    if rank == 1:
+        time.sleep(delay)  # a rank that stopped (or is busy elsewhere) past the library's deadline
+    start = time.monotonic()
+    try:
+        vae.decode(torch.zeros(1, 4, 1, 2, 2))
+    except Exception as e:  # noqa: BLE001 - the test inspects what was raised
+        return type(e).__name__, str(e), time.monotonic() - start
+    return None
+
+
+@pytest.mark.timeout(120)
+def test_library_timeout_names_the_operation_and_the_missing_rank():
+    """enable_spatial_parallelism(timeout=2): a rank that does not arrive at decode fails the others within about
+    2 s (not the process group's 30 minutes), naming decode and, on gloo, the missing rank."""
+    from tests.dist_harness import run_ranks
+
+    results = run_ranks(_late_rank_worker, 2, 8.0, timeout=90, fresh=True)
+    first = results[0].value
+    assert first is not None, "rank 0 did not time out"
+    kind, message, waited = first
+    assert kind == "SpatialTimeoutError", (kind, message)
+    assert message.startswith("decode:") and "Ranks 1 failed" in message and waited < 6, (message, waited)
+    with pytest.raises(ValueError, match="positive number of seconds"):
+        import parallel_vae as pv
+        from parallel_vae.jobs.models import build_wan_vae
+
+        pv.enable_spatial_parallelism(build_wan_vae("wan2.1", base_dim=8, z_dim=4), timeout=0)
