@@ -275,31 +275,17 @@ def _halo_exchange(x: torch.Tensor, group, dim: int, top: int, bottom: int) -> t
 
 def _halo_return(grad: torch.Tensor, group, dim: int, top: int, bottom: int, bottom_edge: Optional[int] = None):
     """Mirror of :func:`_halo_pad`: send each halo's gradient to the rank that owns those rows, which adds it to its
-    own edge rows. Gradients of the global edges' padding rows are not touched here (zero padding has no owner;
-    fill rows return their gradient through the op that built them)."""
+    own edge rows (the exchange of :func:`_neighbor_rows_return`). Gradients of the global edges' padding rows are
+    not touched here (zero padding has no owner; fill rows return their gradient through the op that built them)."""
     rank, size = group_rank(group), group_size(group)
     last = rank == size - 1
     my_bottom = (bottom if bottom_edge is None else bottom_edge) if last else bottom
     rows = grad.size(dim) - top - my_bottom
-    out = grad.narrow(dim, top, rows).clone(memory_format=torch.contiguous_format)
-    sends, recvs = [], []
-    if top and rank > 0:
-        sends.append((grad.narrow(dim, 0, top).contiguous(), rank - 1))
-    if bottom and not last:
-        sends.append((grad.narrow(dim, top + rows, bottom).contiguous(), rank + 1))
-    from_below = from_above = None
-    if top and not last:
-        from_below = grad.new_empty(_rows_shape(grad, dim, top))
-        recvs.append((from_below, rank + 1))
-    if bottom and rank > 0:
-        from_above = grad.new_empty(_rows_shape(grad, dim, bottom))
-        recvs.append((from_above, rank - 1))
-    _p2p(sends, recvs, group)
-    if from_below is not None:
-        out.narrow(dim, rows - top, top).add_(from_below)
-    if from_above is not None:
-        out.narrow(dim, 0, bottom).add_(from_above)
-    return out
+    mine = grad.narrow(dim, top, rows)
+    g_above = grad.narrow(dim, 0, top if rank > 0 else 0)  # the rank above's rows (none above the global top)
+    g_below = grad.narrow(dim, top + rows, bottom if not last else 0)
+    out = _neighbor_rows_return(g_above, g_below, mine, group, dim, top, bottom)
+    return mine.clone(memory_format=torch.contiguous_format) if out is mine else out
 
 
 def _neighbor_rows(x: torch.Tensor, group, dim: int, top: int, bottom: int) -> tuple[torch.Tensor, torch.Tensor]:
