@@ -193,4 +193,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from parallel_vae.jobs.cli import exit_process
+
+    exit_process(main())

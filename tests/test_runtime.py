@@ -67,3 +67,22 @@ def test_plan_parallel():
     assert not plan_parallel("auto", (1, 16, 2, 1, 4), 2, threshold=0).shard  # 1 row cannot be split
     with pytest.raises(InputError, match=r"1 latent rows \(8 pixel rows\) cannot be split over 2 ranks"):
         plan_parallel("on", (1, 16, 2, 1, 4), 2)
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_exit_process_skips_teardown_only_when_launched(world_size):
+    """A launched rank leaves with os._exit (no interpreter teardown: the gloo SIGABRT seen in CI after a
+    successful run), with its status and its printed lines flushed; a single process exits normally."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import atexit; atexit.register(lambda: print('teardown ran', flush=True));"
+        "from parallel_vae.jobs.cli import exit_process; print('summary line', end=''); exit_process(3)"
+    )
+    env = dict(os.environ, WORLD_SIZE=world_size)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3
+    expected = "summary line" if world_size == "2" else "summary lineteardown ran\n"
+    assert proc.stdout == expected

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Optional
 
 from ..errors import InputError
@@ -23,6 +24,7 @@ __all__ = [
     "add_runtime_args",
     "add_finetune_args",
     "help_requested",
+    "exit_process",
 ]
 
 # Long enough for the slowest step between two collectives of a real decode (a rank waiting for rank 0 to write
@@ -239,3 +241,23 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def exit_process(status: int) -> None:
+    """Leave a recipe process with ``status``, skipping the interpreter's teardown when it was launched with several
+    processes.
+
+    Everything a recipe owns is already closed when this runs (outputs renamed into place, trackers ended, the
+    process group destroyed: :meth:`Runtime.close`). What remains is the interpreter's own finalization, and there
+    gloo's C++ threads can still hold objects whose destruction needs the GIL of an interpreter being torn down:
+    seen in CI as a rank killed by SIGABRT ("terminate called without an active exception") *after* a successful
+    decode had printed its summary, which the launcher then reports as a failed run. ``os._exit`` after flushing
+    the standard streams leaves without that teardown. A single unlaunched process has no gloo threads and exits
+    normally (atexit handlers run).
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # a closed pipe must not change the exit status
+            pass
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        os._exit(status)
+    sys.exit(status)

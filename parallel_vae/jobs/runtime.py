@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import InputError
-from .cli import DEFAULT_TIMEOUT_S, ArgumentParser, UsageError, add_runtime_args  # torch-free, for --help
+from .cli import DEFAULT_TIMEOUT_S, ArgumentParser, UsageError, add_runtime_args, exit_process  # torch-free
 from ..core.sharding import ShardingError
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "Runtime",
     "start_runtime",
     "run_recipe",
+    "exit_process",
     "add_runtime_args",
     "wandb_mode",
     "DEFAULT_TIMEOUT_S",
@@ -166,10 +167,16 @@ class Runtime:
         return error.exit_code
 
     def close(self) -> None:
+        """End the trackers, then take the process group down on every rank together.
+
+        The barrier first: no rank closes its connections while another may still be reading the last
+        collective's data from them (gloo tears sockets down in ``destroy_process_group``).
+        """
         if self.trackers_started:
             self.accelerator.end_training()
             self.trackers_started = False
         if self.distributed:
+            dist.barrier()
             dist.destroy_process_group()
 
 
