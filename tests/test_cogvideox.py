@@ -72,7 +72,8 @@ class _TimeChunkedConv3d(nn.Conv3d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self.kernel_size[0]
         chunks = x.chunk(2 if x.shape[-2] % 2 else 3, dim=2)
-        parts = [chunks[0]] + [torch.cat([chunks[i - 1][:, :, -(k - 1) :], chunks[i]], 2) for i in range(1, len(chunks))]
+        overlapped = [torch.cat([chunks[i - 1][:, :, -(k - 1) :], chunks[i]], 2) for i in range(1, len(chunks))]
+        parts = [chunks[0]] + overlapped
         return torch.cat([super(_TimeChunkedConv3d, self).forward(p) for p in parts], 2)
 
 
