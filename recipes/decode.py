@@ -72,15 +72,16 @@ def build_parser() -> ArgumentParser:
         "--pretrained",
         metavar="PATH_OR_ID",
         help="a diffusers VAE of any supported family (AutoencoderKLWan, AutoencoderKLQwenImage, AutoencoderKL, "
-        "AutoencoderKLFlux2, AutoencoderKLHunyuanVideo, AutoencoderKLHunyuanVideo15; the class comes from the "
-        "config's _class_name): a local save_pretrained folder or a hub id (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers). "
+        "AutoencoderKLFlux2, AutoencoderKLHunyuanVideo, AutoencoderKLHunyuanVideo15, AutoencoderKLCogVideoX; the "
+        "class comes from the config's _class_name): a local save_pretrained folder or a hub id "
+        "(e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers). "
         "For a pipeline folder/repo the VAE is in vae/: detected for local folders, tried first for hub ids",
     )
     m.add_argument(
         "--seeded",
         metavar="LAYOUT[:WIDTH[:LATENT]]",
         help="a seeded, untrained model of a family's real layout at a small width, for tests and benchmarks: "
-        "LAYOUT is wan2.1, wan2.2, qwenimage, sd, sdxl, sd3, flux1, flux2, hunyuanvideo or hunyuanvideo15 "
+        "LAYOUT is wan2.1, wan2.2, qwenimage, sd, sdxl, sd3, flux1, flux2, hunyuanvideo, hunyuanvideo15 or cogvideox "
         "(e.g. sd:32:4)",
     )
     m.add_argument(
@@ -126,8 +127,8 @@ def build_parser() -> ArgumentParser:
         action="store_true",
         help="the latents are normalized, as pipelines return them with output_type='latent': undo it the "
         "family's way before decoding (Wan/Qwen-Image: z * latents_std + latents_mean; AutoencoderKL: "
-        "z / scaling_factor + shift_factor; Flux.2: un-BatchNorm and unpatchify; HunyuanVideo(-1.5): "
-        "z / scaling_factor)",
+        "z / scaling_factor + shift_factor; Flux.2: un-BatchNorm and unpatchify; HunyuanVideo(-1.5) and CogVideoX: "
+        "z / scaling_factor; CogVideoX pipelines return (B, T, C, H, W): permute to (B, C, T, H, W) first)",
     )
     i.add_argument(
         "--video",

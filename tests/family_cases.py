@@ -111,7 +111,10 @@ def run_case(rank: int, case: FCase):
     x, w = make_inputs(case, vae, dtype)
     x.requires_grad_(case.grads)
     seen_rows = []
-    hook = vae.decoder.conv_out.register_forward_hook(lambda m, args, out: seen_rows.append(out.shape[-2]))
+    # conv_out returns a tensor, or (tensor, conv cache) in CogVideoX
+    hook = vae.decoder.conv_out.register_forward_hook(
+        lambda m, args, out: seen_rows.append((out[0] if isinstance(out, tuple) else out).shape[-2])
+    )
     with torch.set_grad_enabled(case.grads):
         if case.mode == "replicated":
             z = vae.encode(x).latent_dist.mode()

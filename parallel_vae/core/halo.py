@@ -21,7 +21,7 @@ The oneDNN note (``_conv``) is why the convolutions call a kernel directly.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -175,7 +175,9 @@ def _rows_of(t: torch.Tensor, rows: int) -> torch.Tensor:
     return t.new_zeros(shape)
 
 
-def corrected_conv(conv: nn.Module, x: torch.Tensor, group) -> Optional[torch.Tensor]:
+def corrected_conv(
+    conv: nn.Module, x: torch.Tensor, group, conv_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+) -> Optional[torch.Tensor]:
     """A zero-padded ``nn.Conv2d``/``nn.Conv3d`` on this rank's rows without copying them into a padded buffer.
 
     The convolution runs on ``x`` with its own zero padding, which is right everywhere except the output rows whose
@@ -184,6 +186,11 @@ def corrected_conv(conv: nn.Module, x: torch.Tensor, group) -> Optional[torch.Te
     rest of that small slab is zeros, their part is already in the output). The live memory is the input and the
     output, as for the unsharded layer (a padded copy would add a third tensor of the layer's size at the peak),
     and the extra work is a fraction of one output row per boundary.
+
+    ``conv_fn(x)``, when given, computes the convolution of ``x`` with the layer's own zero padding in place of a
+    plain conv call: a class whose forward wraps its convolution (CogVideoX's ``CogVideoXSafeConv3d`` splits long
+    inputs along time) keeps that forward on the shard. It runs after the one exchange, so it may do anything
+    local, including different work on different ranks.
 
     Returns None where the geometry does not allow it (the conv's own padding would change a shard's output count,
     or a halo deeper than the padding); the caller then uses the padded-copy path. The decision depends on the
@@ -200,7 +207,10 @@ def corrected_conv(conv: nn.Module, x: torch.Tensor, group) -> Optional[torch.Te
     if rows < max(ph, inner):
         raise ShardingError(f"a shard of {rows} rows cannot supply a halo of {max(ph, inner)} rows")
     x, above, below = neighbor_rows(x, group, dim=-2, top=ph, bottom=inner)
-    y = _conv(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    if conv_fn is not None:
+        y = conv_fn(x)
+    else:
+        y = _conv(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     other = list(conv.padding)
     other[-2] = 0
     weight = conv.weight

@@ -249,6 +249,14 @@ SEEDED_LAYOUTS = {
              layers_per_block=2, spatial_compression_ratio=16, temporal_compression_ratio=4,
              downsample_match_channel=True, upsample_match_channel=True, scaling_factor=1.03682),
     ),
+    # THUDM/CogVideoX-2b vae/config.json (CogVideoX-5b's differs only in scaling_factor, 0.7)
+    "cogvideox": (
+        "AutoencoderKLCogVideoX",
+        dict(in_channels=3, out_channels=3, latent_channels=16, down_block_types=["CogVideoXDownBlock3D"] * 4,
+             up_block_types=["CogVideoXUpBlock3D"] * 4, block_out_channels=[128, 256, 256, 512], layers_per_block=3,
+             act_fn="silu", norm_eps=1e-6, norm_num_groups=32, temporal_compression_ratio=4, sample_height=480,
+             sample_width=720, scaling_factor=1.15258426, use_quant_conv=False, use_post_quant_conv=False),
+    ),
 }  # fmt: skip
 
 
