@@ -364,7 +364,8 @@ def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
         enable_gradient_checkpointing(vae)
     train_encoder = args.train == "all"
     if not train_encoder:
-        for p in list(vae.encoder.parameters()) + list(vae.quant_conv.parameters()):
+        quant_conv = getattr(vae, "quant_conv", None)  # DC-AE has none
+        for p in list(vae.encoder.parameters()) + (list(quant_conv.parameters()) if quant_conv is not None else []):
             p.requires_grad_(False)
     if args.frames == 1 and adapter.video:
         # Single frames never reach the temporal resampling convolutions (Wan resamples time only from the second
@@ -434,6 +435,7 @@ def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
             l1=args.l1,
             mse=args.mse,
             kl=args.kl,
+            deterministic=adapter.deterministic,
         )
         acc.backward(loss)
         if args.max_grad_norm > 0 and acc.state.deepspeed_plugin is None:
