@@ -239,3 +239,14 @@ def test_bad_input_one_clear_error_on_every_rank():
     assert "2 latent rows" in per_rank[0]["one_latent_row_per_rank"][1]
     assert "at least 2 latent rows" in per_rank[0]["one_latent_row_sharded"][1]
     assert "exclusive" in per_rank[0]["tiling_enabled"][1]
+
+
+def test_decode_recipe_plans_two_latent_rows_per_rank():
+    """recipes/decode.py's --parallel decision honours the family's minimum rows per rank (2 for DC-AE)."""
+    from parallel_vae.jobs.decode_job import InputError, plan_parallel
+
+    shape = (1, 32, 3, 4)  # 3 latent rows: enough for 2 ranks of most families, not for DC-AE's 2 rows each
+    assert plan_parallel("on", shape, 2, factor=32).shard
+    assert not plan_parallel("auto", shape, 2, threshold=0, factor=32, min_rows=2).shard
+    with pytest.raises(InputError, match="at least 2 latent rows"):
+        plan_parallel("on", shape, 2, factor=32, min_rows=2)

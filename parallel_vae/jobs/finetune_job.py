@@ -314,10 +314,12 @@ def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
                     f"--{name} {size} is not a positive multiple of the spatial factor {factor}; "
                     f"sizes that work: {lo}, {lo + factor}"
                 )
-        if args.height // factor < args.sp_degree:
+        least = adapter.min_latent_rows(vae)  # latent rows per rank (2 for DC-AE, 1 for most)
+        if args.height // factor < args.sp_degree * least:
             raise ShardingError(
                 f"clips of height {args.height} have {args.height // factor} latent rows, too few to shard over "
-                f"--sp_degree {args.sp_degree}: use --height >= {args.sp_degree * factor} or a smaller --sp_degree"
+                f"--sp_degree {args.sp_degree}: use --height >= {args.sp_degree * least * factor} or a smaller "
+                "--sp_degree"
             )
         train_data = _make_data(args.data, args, factor, args.seed)
         val_data = _make_data(args.val_data, args, factor, args.seed + VALIDATION_SEED_OFFSET)
