@@ -46,7 +46,7 @@ class FCase:
     def id(self) -> str:
         g = "" if self.groups is None else "-groups" + "|".join(",".join(map(str, rs)) for rs in self.groups)
         g += "-ckpt" if self.checkpointing else ""
-        g += "".join(f"-{k}" for k, _ in self.overrides or ())
+        g += "".join("-" + "".join(w[0] for w in k.split("_")) for k, _ in self.overrides or ())  # initials
         return (
             f"{self.layout}-{self.dtype}-{self.mode}-w{self.world}-b{self.batch}-t{self.frames}"
             f"-h{self.latent_h}x{self.latent_w}{g}"

@@ -14,8 +14,8 @@ That is float64 DC-AE as its arithmetic reads, and it holds the sharding to 1e-1
 nothing changed: the casts are no-ops there, and the reference is the unmodified model itself.
 
 Cases: worlds 2 and 3, uneven splits (5 latent rows on 2 ranks, 7 on 3), both modes, batch 2, the real layout
-(every level, 2-3 layers per block) and a shallow one (one layer per level: every layer kind, including three
-EfficientViT blocks per side), a subgroup (ranks 1 and 2 of 3: an offset group), non-trivial norm affines, and
+(every level, 2-3 layers per block), a shallow one (one layer per level: every layer kind, including three
+EfficientViT blocks per side) and the kinds of the f32c32-in/mix releases (pixel (un)shuffle, BatchNorm), a subgroup (ranks 1 and 2 of 3: an offset group), non-trivial norm affines, and
 images whose shards take different branches of diffusers' processor (linear on some ranks, quadratic on others).
 """
 
@@ -35,11 +35,25 @@ from tests.dist_harness import run_ranks, values
 from tests.family_cases import FCase, check, make_model, reference, run_case
 
 SHALLOW = (("encoder_layers_per_block", (1,) * 6), ("decoder_layers_per_block", (1,) * 6))
+# The f32c32-in/mix-1.0 releases' kinds: no layers at the first level (conv_in / conv_out become a pixel-unshuffle
+# down block / pixel-shuffle up block without shortcut), pixel (un)shuffle resampling, single-scale attention (so
+# one latent row per rank is enough), BatchNorm + ReLU decoder levels (eval mode: running statistics).
+IN_RELEASE = (
+    ("encoder_layers_per_block", (0, 1, 1, 1, 1, 1)),
+    ("decoder_layers_per_block", (0, 1, 1, 1, 1, 1)),
+    ("encoder_qkv_multiscales", ((),) * 6),
+    ("decoder_qkv_multiscales", ((),) * 6),
+    ("upsample_block_type", "pixel_shuffle"),
+    ("downsample_block_type", "pixel_unshuffle"),
+    ("decoder_norm_types", ("batch_norm",) * 3 + ("rms_norm",) * 3),
+    ("decoder_act_fns", ("relu",) * 3 + ("silu",) * 3),
+)
 
 CASES = [
     FCase("dcae", "float64", "replicated", latent_h=4, latent_w=2, world=2),  # the real layout, every layer
     FCase("dcae", "float64", "sharded", latent_h=5, latent_w=2, world=2, batch=2, overrides=SHALLOW),
     FCase("dcae", "float32", "replicated", latent_h=5, latent_w=2, world=2, overrides=SHALLOW),
+    FCase("dcae", "float64", "sharded", latent_h=3, latent_w=2, world=2, overrides=IN_RELEASE),  # 2/1 latent rows
     # 7 latent rows of 3 on 3 ranks (3/2/2): at the 1/16 level diffusers takes the linear branch (14 x 6 pixels);
     # ranks holding 4 x 6 take the quadratic branch and rank 0 (6 x 6) the linear one.
     FCase("dcae", "float64", "sharded", latent_h=7, latent_w=3, world=3, overrides=SHALLOW),
@@ -250,3 +264,24 @@ def test_decode_recipe_plans_two_latent_rows_per_rank():
     assert not plan_parallel("auto", shape, 2, threshold=0, factor=32, min_rows=2).shard
     with pytest.raises(InputError, match="at least 2 latent rows"):
         plan_parallel("on", shape, 2, factor=32, min_rows=2)
+
+
+def test_folder_loading_normalization_and_point_posterior(tmp_path):
+    """A saved DC-AE loads by its config's class name; pipelines' latents are ``z * scaling_factor``; the
+    deterministic encoder's latents come back as a point mass (no sampling noise, no KL) in one process."""
+    from diffusers import AutoencoderDC
+
+    from parallel_vae.jobs.loading import denormalize_latents, load_vae, normalize_latents
+
+    vae = make_model(FCase("dcae", overrides=SHALLOW), torch.float64)
+    vae.save_pretrained(tmp_path / "vae")
+    loaded, _ = load_vae(pretrained=str(tmp_path))
+    assert type(loaded) is AutoencoderDC
+    z = torch.randn(2, 4, 3, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    torch.testing.assert_close(denormalize_latents(z, vae), z / vae.config.scaling_factor)
+    torch.testing.assert_close(normalize_latents(denormalize_latents(z, vae), vae), z)
+    x = torch.rand(1, 3, 64, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    posterior = pv.encode_video(vae, x)
+    latents = vae.encode(x).latent
+    assert torch.equal(posterior.mode(), latents) and torch.equal(posterior.sample(), latents)
+    assert torch.equal(posterior.parameters, latents) and float(posterior.kl().sum()) == 0.0
