@@ -15,8 +15,9 @@ nothing changed: the casts are no-ops there, and the reference is the unmodified
 
 Cases: worlds 2 and 3, uneven splits (5 latent rows on 2 ranks, 7 on 3), both modes, batch 2, the real layout
 (every level, 2-3 layers per block), a shallow one (one layer per level: every layer kind, including three
-EfficientViT blocks per side) and the kinds of the f32c32-in/mix releases (pixel (un)shuffle, BatchNorm), a subgroup (ranks 1 and 2 of 3: an offset group), non-trivial norm affines, and
-images whose shards take different branches of diffusers' processor (linear on some ranks, quadratic on others).
+EfficientViT blocks per side), the kinds of the f32c32-in/mix releases (pixel (un)shuffle, BatchNorm), a subgroup
+(ranks 1 and 2 of 3: an offset group), non-trivial norm affines, and images whose shards take different branches
+of diffusers' processor (linear on some ranks, quadratic on others).
 """
 
 from __future__ import annotations

@@ -27,7 +27,12 @@ from diffusers.models.attention_processor import SanaMultiscaleAttnProcessor2_0
 
 from .comm import _all_reduce_sum, group_size
 
-__all__ = ["all_reduce_summaries", "linear_attention_summaries", "sharded_linear_attention", "ShardedMultiscaleLinearAttention"]
+__all__ = [
+    "all_reduce_summaries",
+    "linear_attention_summaries",
+    "sharded_linear_attention",
+    "ShardedMultiscaleLinearAttention",
+]
 
 
 # ---------------------------------------------------------------------------------------------------------------

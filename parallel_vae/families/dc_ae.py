@@ -87,9 +87,8 @@ def _treatment(name: str, m: nn.Module, parents: dict) -> Treatment | None:
     if cls is SanaMultiscaleLinearAttention:
         if m.norm_type not in ("rms_norm", "batch_norm"):
             raise unknown_module(name, m, f"norm_type {m.norm_type!r}")
-        return Treatment(
-            name, sharded_class(ShardedMultiscaleLinearAttention, cls), "linear attention: all-reduced key-value summaries"
-        )
+        why = "linear attention: all-reduced key-value summaries"
+        return Treatment(name, sharded_class(ShardedMultiscaleLinearAttention, cls), why)
     if cls is nn.BatchNorm2d:
         return Treatment(name, sharded_class(EvalBatchNorm, cls), "BatchNorm2d: running statistics only")
     if cls is nn.Conv2d:
