@@ -231,9 +231,10 @@ def _inputs(job: Job, vae) -> torch.Tensor:
 
 def _run_op(job: Job, vae, x: torch.Tensor) -> torch.Tensor:
     import parallel_vae as pv
+    from parallel_vae.families import adapter_for
 
     if job.impl == "diffusers" or job.mode == "replicated":
-        return vae.decode(x).sample if job.op == "decode" else vae.encode(x).latent_dist.parameters
+        return vae.decode(x).sample if job.op == "decode" else adapter_for(vae).posterior_of(vae.encode(x)).parameters
     return pv.sharded_decode(vae, x) if job.op == "decode" else pv.sharded_encode(vae, x).parameters
 
 

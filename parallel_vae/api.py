@@ -209,16 +209,20 @@ def _agree(vae, op: str, x: torch.Tensor, state: SpatialState) -> list[int]:
         fail(f"{op_name} expects {channels} {what} channels (dim 1), got {rows[0][4]}")
     heights = [row[height_dim] for row in rows]
     world, factor = state.size, state.factor
+    least = adapter.min_latent_rows(vae)
     if not sharded:
         if latent:
-            check_latent_height(heights[0], world, factor)
+            check_latent_height(heights[0], world, factor, least)
             return row_split(heights[0], world)
-        check_pixel_height(heights[0], world, factor)
+        check_pixel_height(heights[0], world, factor, least)
         return scale_sizes(row_split(heights[0] // factor, world), factor)
-    bad = [r for r, h in enumerate(heights) if h < unit or h % unit]
+    bad = [r for r, h in enumerate(heights) if h < unit * least or h % unit]
     if bad:
-        need = "at least 1 latent row" if latent else f"a positive multiple of {factor} pixel rows"
-        hint = "" if latent else f" (nearest: {', '.join(str(nearest_valid(heights[r], factor)) for r in bad)})"
+        need = f"at least {least} latent row{'s' if least > 1 else ''}"
+        if not latent:
+            need = f"a positive multiple of {factor} pixel rows" + (f", at least {factor * least}" if least > 1 else "")
+        near = ", ".join(str(nearest_valid(heights[r], factor, 1, least)) for r in bad)
+        hint = "" if latent else f" (nearest: {near})"
         fail(f"every rank's shard needs {need}; ranks {bad} have heights {[heights[r] for r in bad]}{hint}")
     return heights
 
@@ -303,19 +307,21 @@ def _replicated_decode(self, z: torch.Tensor, *args, **kwargs):
 
 
 def sharded_encode(vae, x_local: torch.Tensor) -> DiagonalGaussianDistribution:
-    """Encode this rank's pixel rows; returns the posterior over this rank's latent rows.
+    """Encode this rank's pixel rows; returns the posterior over this rank's latent rows (a point mass at the
+    latents for a deterministic encoder, DC-AE: ``mode()`` is the latents, ``parameters`` too).
 
     ``x_local`` is (B, C, T, H_r, W) (videos) or (B, C, H_r, W) (images) with H_r a positive multiple of the spatial factor; the shards of the group,
     in group-rank order, are the rows of the whole video (any split; :func:`shard_video` gives the balanced one).
     """
     state = _state(vae)
+    adapter = _adapter(state)
     if state.size == 1:
-        return vae.encode(x_local).latent_dist
+        return adapter.posterior_of(vae.encode(x_local))
     _check_tiling(vae)
     _agree(vae, "sharded_encode", x_local, state)
     parts = x_local.split(1) if getattr(vae, "use_slicing", False) and x_local.shape[0] > 1 else [x_local]
-    h = torch.cat([_adapter(state).encode_local(vae, p) for p in parts])
-    return DiagonalGaussianDistribution(h)
+    h = torch.cat([adapter.encode_local(vae, p) for p in parts])
+    return adapter.posterior(h)
 
 
 def sharded_decode(vae, z_local: torch.Tensor) -> torch.Tensor:
@@ -332,7 +338,7 @@ def sharded_decode(vae, z_local: torch.Tensor) -> torch.Tensor:
 def local_rows(vae, latent_height: int) -> tuple[int, int]:
     """(first latent row, number of latent rows) of this rank under the balanced split of ``latent_height``."""
     state = _state(vae)
-    check_latent_height(latent_height, state.size, state.factor)
+    check_latent_height(latent_height, state.size, state.factor, _adapter(state).min_latent_rows(vae))
     sizes = row_split(latent_height, state.size)
     rank = group_rank(state.group) if state.size > 1 else 0
     return sum(sizes[:rank]), sizes[rank]
@@ -341,14 +347,14 @@ def local_rows(vae, latent_height: int) -> tuple[int, int]:
 def shard_video(vae, x: torch.Tensor) -> torch.Tensor:
     """forward: keep my pixel rows of a full video or image (balanced split in latent-row units); backward: all-gather."""
     state = _state(vae)
-    check_pixel_height(x.shape[-2], state.size, state.factor)
+    check_pixel_height(x.shape[-2], state.size, state.factor, _adapter(state).min_latent_rows(vae))
     return scatter_rows(x, state.group, dim=-2, unit=state.factor)
 
 
 def shard_latents(vae, z: torch.Tensor) -> torch.Tensor:
     """forward: keep my latent rows of full latents (balanced split); backward: all-gather."""
     state = _state(vae)
-    check_latent_height(z.shape[-2], state.size, state.factor)
+    check_latent_height(z.shape[-2], state.size, state.factor, _adapter(state).min_latent_rows(vae))
     return scatter_rows(z, state.group, dim=-2)
 
 

@@ -107,10 +107,11 @@ def encode_video(
     video = video.to(device=vae.device, dtype=vae.dtype)
     chunks = adapter_for(vae).progress_total(vae, video, decode=False)
     with torch.set_grad_enabled(grad), _chunk_progress(vae.encoder, chunks, "encode", progress and group_rank(None) == 0):
+        adapter = adapter_for(vae)
         if not parallel:
-            return vae.encode(video).latent_dist
+            return adapter.posterior_of(vae.encode(video))
         local = video if sharded else shard_video(vae, video)
         posterior = sharded_encode(vae, local)
         if not gather:
             return posterior
-        return DiagonalGaussianDistribution(gather_shards(vae, posterior.parameters))
+        return adapter.posterior(gather_shards(vae, posterior.parameters))

@@ -39,11 +39,14 @@ class FCase:
     checkpointing: bool = False
     width: int = 8
     latent: int = 4
+    overrides: Optional[tuple] = None  # ((config key, value), ...) over the seeded layout, e.g. fewer layers
+
 
     @property
     def id(self) -> str:
         g = "" if self.groups is None else "-groups" + "|".join(",".join(map(str, rs)) for rs in self.groups)
         g += "-ckpt" if self.checkpointing else ""
+        g += "".join("-" + "".join(w[0] for w in k.split("_")) for k, _ in self.overrides or ())  # initials
         return (
             f"{self.layout}-{self.dtype}-{self.mode}-w{self.world}-b{self.batch}-t{self.frames}"
             f"-h{self.latent_h}x{self.latent_w}{g}"
@@ -51,7 +54,10 @@ class FCase:
 
 
 def make_model(case: FCase, dtype: torch.dtype):
-    return build_seeded_vae(case.layout, width=case.width, latent=case.latent, seed=1234, dtype=dtype, perturb=0.05)
+    return build_seeded_vae(
+        case.layout, width=case.width, latent=case.latent, seed=1234, dtype=dtype, perturb=0.05,
+        overrides=dict(case.overrides or ()),
+    )
 
 
 def make_inputs(case: FCase, vae, dtype: torch.dtype, seed: int = 7):
@@ -77,7 +83,7 @@ def reference(case: FCase, dtype_name: Optional[str] = None) -> dict:
     x, w = make_inputs(case, vae, dtype)
     x.requires_grad_(case.grads)
     with torch.set_grad_enabled(case.grads):
-        z = vae.encode(x).latent_dist.mode()
+        z = adapter_for(vae).posterior_of(vae.encode(x)).mode()
         out = vae.decode(z).sample
     res = dict(z=z.detach(), out=out.detach())
     if case.grads:
@@ -117,7 +123,7 @@ def run_case(rank: int, case: FCase):
     )
     with torch.set_grad_enabled(case.grads):
         if case.mode == "replicated":
-            z = vae.encode(x).latent_dist.mode()
+            z = adapter_for(vae).posterior_of(vae.encode(x)).mode()
             out = vae.decode(z).sample
             loss = (out * w).sum()
         else:

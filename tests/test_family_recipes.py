@@ -34,7 +34,7 @@ def test_every_seeded_layout_builds_and_has_an_adapter(layout):
     vae = _seeded(layout)
     adapter = adapter_for(vae)
     assert adapter.plan(vae), layout  # every module classified, and something to shard
-    assert adapter.spatial_factor(vae) in (8, 16)
+    assert adapter.spatial_factor(vae) in (8, 16, 32)
 
 
 def test_pretrained_folder_loads_the_class_named_in_its_config(tmp_path):

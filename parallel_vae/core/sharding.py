@@ -47,30 +47,34 @@ def scale_sizes(sizes: Sequence[int], factor: int) -> list[int]:
     return [s * factor for s in sizes]
 
 
-def check_latent_height(latent_rows: int, world: int, factor: int) -> None:
-    """Raise :class:`ShardingError` unless ``latent_rows`` can be split over ``world`` ranks."""
-    if latent_rows < world:
+def check_latent_height(latent_rows: int, world: int, factor: int, min_rows: int = 1) -> None:
+    """Raise :class:`ShardingError` unless ``latent_rows`` can be split over ``world`` ranks with at least
+    ``min_rows`` latent rows each (more than 1 where a layer's halo is deeper than one latent row of its level)."""
+    if latent_rows < world * min_rows:
+        need = "one latent row" if min_rows == 1 else f"{min_rows} latent rows (this model's halos need them)"
         raise ShardingError(
             f"latent height {latent_rows} is too small for a spatial group of {world} ranks: "
-            f"every rank needs at least one latent row, so the minimum is {world} latent rows "
-            f"({world * factor} pixel rows at spatial factor {factor})"
+            f"every rank needs at least {need}, so the minimum is {world * min_rows} latent rows "
+            f"({world * min_rows * factor} pixel rows at spatial factor {factor})"
         )
 
 
-def nearest_valid(pixel_rows: int, factor: int, world: int = 1) -> list[int]:
-    """The multiples of ``factor`` nearest to ``pixel_rows`` that also leave every one of ``world`` ranks a row."""
+def nearest_valid(pixel_rows: int, factor: int, world: int = 1, min_rows: int = 1) -> list[int]:
+    """The multiples of ``factor`` nearest to ``pixel_rows`` that also leave every one of ``world`` ranks
+    ``min_rows`` latent rows."""
     lower = (pixel_rows // factor) * factor
-    minimum = factor * world
+    minimum = factor * world * min_rows
     cands = sorted({max(c, minimum) for c in (lower, lower + factor) if c > 0} or {minimum})
     return cands
 
 
-def check_pixel_height(pixel_rows: int, world: int, factor: int) -> None:
-    """Raise :class:`ShardingError` unless ``pixel_rows`` is a multiple of ``factor`` with >= ``world`` latent rows."""
+def check_pixel_height(pixel_rows: int, world: int, factor: int, min_rows: int = 1) -> None:
+    """Raise :class:`ShardingError` unless ``pixel_rows`` is a multiple of ``factor`` with >= ``world * min_rows``
+    latent rows."""
     if pixel_rows % factor != 0:
-        near = " or ".join(str(c) for c in nearest_valid(pixel_rows, factor, world))
+        near = " or ".join(str(c) for c in nearest_valid(pixel_rows, factor, world, min_rows))
         raise ShardingError(
             f"pixel height {pixel_rows} is not a multiple of the spatial factor {factor}; "
-            f"nearest heights that work: {near} (the minimum for {world} ranks is {factor * world})"
+            f"nearest heights that work: {near} (the minimum for {world} ranks is {factor * world * min_rows})"
         )
-    check_latent_height(pixel_rows // factor, world, factor)
+    check_latent_height(pixel_rows // factor, world, factor, min_rows)

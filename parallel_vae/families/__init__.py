@@ -13,6 +13,7 @@ from ..core.plan import Treatment
 from .autoencoder_kl import AUTOENCODER_KL, FLUX2
 from .base import FamilyAdapter
 from .cogvideox import ADAPTER as COGVIDEOX
+from .dc_ae import ADAPTER as DCAE
 from .hunyuan_video import ADAPTER as HUNYUANVIDEO
 from .hunyuan_video15 import ADAPTER as HUNYUANVIDEO15
 from .qwenimage import ADAPTER as QWENIMAGE
@@ -30,7 +31,9 @@ __all__ = [
     "is_video",
 ]
 
-_ADAPTERS: tuple[FamilyAdapter, ...] = (WAN, QWENIMAGE, AUTOENCODER_KL, FLUX2, HUNYUANVIDEO, HUNYUANVIDEO15, COGVIDEOX)
+_ADAPTERS: tuple[FamilyAdapter, ...] = (
+    WAN, QWENIMAGE, AUTOENCODER_KL, FLUX2, HUNYUANVIDEO, HUNYUANVIDEO15, COGVIDEOX, DCAE,
+)  # fmt: skip
 
 #: name -> adapter (recipes' ``--seeded NAME:...``, benchmarks' ``--family NAME``)
 FAMILIES: dict[str, FamilyAdapter] = {a.name: a for a in _ADAPTERS}

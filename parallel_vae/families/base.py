@@ -13,11 +13,25 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from diffusers.models.autoencoders.vae import DecoderOutput
+from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
 
 from ..core.plan import Treatment
 
-__all__ = ["FamilyAdapter"]
+__all__ = ["FamilyAdapter", "PointPosterior"]
+
+
+class PointPosterior(DiagonalGaussianDistribution):
+    """The latents of a deterministic encoder (DC-AE's ``encode`` returns latents, not a distribution) behind the
+    posterior's interface, so the shared encode paths, validation and the fine-tuning loop serve it unchanged:
+    ``parameters`` are the latents themselves (C channels, not 2C moments), ``mean``, ``mode()`` and ``sample()``
+    return them, the variance is zero and ``kl()`` is 0 (diffusers' ``deterministic`` flag)."""
+
+    def __init__(self, latents: torch.Tensor):
+        self.parameters = latents
+        self.mean = latents
+        self.deterministic = True
+        self.var = self.std = torch.zeros_like(latents)
+        self.logvar = torch.full_like(latents, float("-inf"))
 
 
 class FamilyAdapter:
@@ -49,6 +63,11 @@ class FamilyAdapter:
 
     def pixel_channels(self, vae: nn.Module) -> int:
         return int(vae.config.in_channels)
+
+    def min_latent_rows(self, vae: nn.Module) -> int:
+        """Latent rows every rank's shard needs: 1 unless a layer's halo is deeper than one latent row of its level
+        (halos come from the adjacent ranks only)."""
+        return 1
 
     @property
     def ndim(self) -> int:
@@ -94,6 +113,18 @@ class FamilyAdapter:
         if not self.decode_returns_output:
             return sample
         return DecoderOutput(sample=sample) if return_dict else (sample,)
+
+    # --- what the encoder gives ------------------------------------------------------------------------------
+    #: whether ``encode`` returns latents (no distribution, nothing to sample, no KL term): DC-AE
+    deterministic: bool = False
+
+    def posterior(self, moments: torch.Tensor) -> DiagonalGaussianDistribution:
+        """The posterior over latents from what :meth:`encode_local` returns (rows may be any shard)."""
+        return PointPosterior(moments) if self.deterministic else DiagonalGaussianDistribution(moments)
+
+    def posterior_of(self, encoded) -> DiagonalGaussianDistribution:
+        """The posterior in what the class's own ``encode`` returns (``AutoencoderKLOutput`` or ``EncoderOutput``)."""
+        return PointPosterior(encoded.latent) if self.deterministic else encoded.latent_dist
 
     # --- tiling and activation checkpointing ----------------------------------------------------------------
     def tiling_enabled(self, vae: nn.Module) -> bool:

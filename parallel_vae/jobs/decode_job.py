@@ -65,13 +65,18 @@ class ParallelPlan:
 
 
 def plan_parallel(
-    mode: str, latent_shape: tuple, world: int, threshold: int = AUTO_MIN_WORK_PER_RANK, factor: int = 8
+    mode: str,
+    latent_shape: tuple,
+    world: int,
+    threshold: int = AUTO_MIN_WORK_PER_RANK,
+    factor: int = 8,
+    min_rows: int = 1,
 ) -> ParallelPlan:
     """Decide whether to shard latents of ``latent_shape`` (B, C, T, h, w) or (B, C, h, w) over ``world`` ranks.
 
     Pure arithmetic on values every rank agrees on, so every rank reaches the same decision. ``factor`` (pixel
     rows per latent row) only appears in messages. Raises :class:`InputError` for ``on`` when there are fewer
-    latent rows than ranks.
+    than ``min_rows`` latent rows per rank (the family adapter's ``min_latent_rows``, 1 for most).
     """
     if mode not in ("auto", "on", "off"):
         raise InputError(f"unknown --parallel {mode!r}; choose auto, on or off")
@@ -86,12 +91,13 @@ def plan_parallel(
         return plan(False, "a single process: nothing to shard")
     if mode == "off":
         return plan(False, "--parallel off: every rank decodes the whole input, rank 0 writes")
-    if h < world:
+    if h < world * min_rows:
         if mode == "on":
+            need = "one latent row" if min_rows == 1 else f"{min_rows} latent rows (this model's halos need them)"
             raise InputError(
                 f"--parallel on: {h} latent rows ({h * factor} pixel rows) cannot be split over {world} ranks; "
-                f"every rank needs at least one latent row, so the minimum is {world} latent rows "
-                f"({world * factor} pixel rows). Use fewer processes, or --parallel auto / off"
+                f"every rank needs at least {need}, so the minimum is {world * min_rows} latent rows "
+                f"({world * min_rows * factor} pixel rows). Use fewer processes, or --parallel auto / off"
             )
         return plan(False, f"auto: {h} latent rows cannot be split over {world} ranks")
     if mode == "on":
@@ -274,7 +280,10 @@ def run_decode(rt: Runtime, args: argparse.Namespace) -> Optional[dict]:
     with rt.agreed():
         if any(s != shapes[0] for s in shapes):
             raise InputError(f"ranks read inputs of different shapes: {shapes}; every rank must see the same file")
-        plan = plan_parallel(args.parallel, inp.latent_shape(vae), world, args.auto_threshold, spatial_factor(vae))
+        plan = plan_parallel(
+            args.parallel, inp.latent_shape(vae), world, args.auto_threshold, spatial_factor(vae),
+            adapter_for(vae).min_latent_rows(vae),
+        )
     # step 3: the output folder (main rank), before any compute, so an unwritable folder fails in seconds; the
     # temporaries a killed run left there are cleared.
     out_dir = os.path.abspath(args.output_dir)

@@ -314,10 +314,12 @@ def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
                     f"--{name} {size} is not a positive multiple of the spatial factor {factor}; "
                     f"sizes that work: {lo}, {lo + factor}"
                 )
-        if args.height // factor < args.sp_degree:
+        least = adapter.min_latent_rows(vae)  # latent rows per rank (2 for DC-AE, 1 for most)
+        if args.height // factor < args.sp_degree * least:
             raise ShardingError(
                 f"clips of height {args.height} have {args.height // factor} latent rows, too few to shard over "
-                f"--sp_degree {args.sp_degree}: use --height >= {args.sp_degree * factor} or a smaller --sp_degree"
+                f"--sp_degree {args.sp_degree}: use --height >= {args.sp_degree * least * factor} or a smaller "
+                "--sp_degree"
             )
         train_data = _make_data(args.data, args, factor, args.seed)
         val_data = _make_data(args.val_data, args, factor, args.seed + VALIDATION_SEED_OFFSET)
@@ -364,7 +366,8 @@ def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
         enable_gradient_checkpointing(vae)
     train_encoder = args.train == "all"
     if not train_encoder:
-        for p in list(vae.encoder.parameters()) + list(vae.quant_conv.parameters()):
+        quant_conv = getattr(vae, "quant_conv", None)  # DC-AE has none
+        for p in list(vae.encoder.parameters()) + (list(quant_conv.parameters()) if quant_conv is not None else []):
             p.requires_grad_(False)
     if args.frames == 1 and adapter.video:
         # Single frames never reach the temporal resampling convolutions (Wan resamples time only from the second
@@ -434,6 +437,7 @@ def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
             l1=args.l1,
             mse=args.mse,
             kl=args.kl,
+            deterministic=adapter.deterministic,
         )
         acc.backward(loss)
         if args.max_grad_norm > 0 and acc.state.deepspeed_plugin is None:

@@ -257,11 +257,29 @@ SEEDED_LAYOUTS = {
              act_fn="silu", norm_eps=1e-6, norm_num_groups=32, temporal_compression_ratio=4, sample_height=480,
              sample_width=720, scaling_factor=1.15258426, use_quant_conv=False, use_post_quant_conv=False),
     ),
+    # DC-AE f32c32 as Sana uses it (mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers): 32x spatial, 32 latent channels,
+    # ResBlocks at the three shallow levels, EfficientViT (multi-scale ReLU linear attention + GLUMBConv) at the three
+    # deep ones, stride-2 conv downsampling and nearest-interpolate upsampling, both with channel shortcuts.
+    "dcae": (
+        "AutoencoderDC",
+        dict(in_channels=3, latent_channels=32, attention_head_dim=32,
+             encoder_block_types=["ResBlock"] * 3 + ["EfficientViTBlock"] * 3,
+             decoder_block_types=["ResBlock"] * 3 + ["EfficientViTBlock"] * 3,
+             encoder_block_out_channels=[128, 256, 512, 512, 1024, 1024],
+             decoder_block_out_channels=[128, 256, 512, 512, 1024, 1024],
+             encoder_layers_per_block=[2, 2, 2, 3, 3, 3], decoder_layers_per_block=[3, 3, 3, 3, 3, 3],
+             encoder_qkv_multiscales=[[], [], [], [5], [5], [5]], decoder_qkv_multiscales=[[], [], [], [5], [5], [5]],
+             upsample_block_type="interpolate", downsample_block_type="Conv", decoder_norm_types="rms_norm",
+             decoder_act_fns="silu", scaling_factor=0.41407),
+    ),
 }  # fmt: skip
 
 
-def seeded_config(layout: str, width: Optional[int] = None, latent: Optional[int] = None) -> tuple[str, dict]:
-    """(diffusers class name, config) of ``layout`` at base channel width ``width`` and ``latent`` latent channels.
+def seeded_config(
+    layout: str, width: Optional[int] = None, latent: Optional[int] = None, overrides: Optional[dict] = None
+) -> tuple[str, dict]:
+    """(diffusers class name, config) of ``layout`` at base channel width ``width`` and ``latent`` latent channels;
+    ``overrides`` replace config entries last (e.g. fewer layers per block for fast tests, same layer kinds).
 
     ``width`` replaces the first block's channels; the others keep the real ratios. Families with GroupNorm keep
     the real group count where the width allows, else halve it until every group has at least 2 channels of the
@@ -277,6 +295,12 @@ def seeded_config(layout: str, width: Optional[int] = None, latent: Optional[int
     if width is not None:
         if "base_dim" in cfg:
             cfg["base_dim"] = width
+        elif cls_name == "AutoencoderDC":
+            for key in ("encoder_block_out_channels", "decoder_block_out_channels"):
+                cfg[key] = [width * c // cfg[key][0] for c in cfg[key]]
+            # At least one head in the narrowest attention level (the real head dim where the width allows).
+            attn = [c for c, t in zip(cfg["encoder_block_out_channels"], cfg["encoder_block_types"]) if t != "ResBlock"]
+            cfg["attention_head_dim"] = min(cfg["attention_head_dim"], min(attn, default=cfg["attention_head_dim"]))
         else:
             ratios = [c // cfg["block_out_channels"][0] for c in cfg["block_out_channels"]]
             cfg["block_out_channels"] = [width * r for r in ratios]
@@ -290,6 +314,7 @@ def seeded_config(layout: str, width: Optional[int] = None, latent: Optional[int
         if latent != cfg[key] and cls_name == "AutoencoderKLQwenImage":
             cfg["latents_mean"], cfg["latents_std"] = [0.0] * latent, [1.0] * latent
         cfg[key] = latent
+    cfg.update(overrides or {})
     return cls_name, cfg
 
 
@@ -301,13 +326,15 @@ def build_seeded_vae(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     perturb: float = 0.0,
+    overrides: Optional[dict] = None,
 ):
     """A seeded VAE of any supported family's real layout (``SEEDED_LAYOUTS``); identical weights in every process
     for the same arguments. ``perturb`` adds seeded uniform noise to every parameter (norm scales that are not 1
-    and biases that are not 0, so a wrong statistic or a dropped gradient shows)."""
+    and biases that are not 0, so a wrong statistic or a dropped gradient shows); ``overrides`` as in
+    :func:`seeded_config`."""
     import diffusers
 
-    cls_name, cfg = seeded_config(layout, width, latent)
+    cls_name, cfg = seeded_config(layout, width, latent, overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vae = getattr(diffusers, cls_name)(**cfg)

@@ -17,6 +17,7 @@ import torch.nn as nn
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from ..api import local_rows, sharded_decode, sharded_encode
+from ..families import adapter_for
 from ..loss import sharded_loss
 
 __all__ = [
@@ -91,10 +92,11 @@ class ShardedAutoencoder(nn.Module):
         self.train_encoder = train_encoder
 
     def forward(self, x_local: torch.Tensor, noise_local: Optional[torch.Tensor] = None):
-        """Returns ``(reconstruction rows, posterior moments rows)``: (B, C, T, H_r, W) and (B, 2 z, t, h_r, w)."""
+        """Returns ``(reconstruction rows, posterior moments rows)``: (B, C, T, H_r, W) and (B, 2 z, t, h_r, w) (a
+        deterministic encoder's latents, (B, z, h_r, w), for DC-AE)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_encoder):
             moments = sharded_encode(self.vae, x_local).parameters
-        posterior = DiagonalGaussianDistribution(moments)
+        posterior = adapter_for(self.vae).posterior(moments)
         z = posterior.mean if noise_local is None else posterior.mean + posterior.std * noise_local.to(moments.dtype)
         return sharded_decode(self.vae, z), moments
 
@@ -126,6 +128,7 @@ def vae_loss(
     mse: float = 0.0,
     kl: float = 1e-6,
     averaged: bool = True,
+    deterministic: bool = False,
 ) -> tuple[torch.Tensor, dict]:
     """The per-rank training loss and its local parts.
 
@@ -142,15 +145,18 @@ def vae_loss(
     there). Returns ``(loss for backward, parts)``, where ``parts`` holds this rank's unscaled sums (``l1_sum``,
     ``mse_sum``, ``kl_sum``) for logging. Summed over the spatial group and divided by ``numel`` (or by the batch
     size, for a per-sample KL), they give the replica's values.
+
+    ``deterministic``: ``moments_local`` are a deterministic encoder's latents (DC-AE); there is no posterior to
+    regularize, so the KL term is 0 whatever ``kl`` says.
     """
     diff = recon_local - target_local
-    posterior = DiagonalGaussianDistribution(moments_local)
-    parts = {
-        "l1_sum": diff.abs().sum(),
-        "mse_sum": diff.pow(2).sum(),
+    if deterministic:
+        kl_sum = moments_local.new_zeros(())
+    else:
+        posterior = DiagonalGaussianDistribution(moments_local)
         # KL(N(mean, var) || N(0, 1)) per latent element; diffusers' .kl() sums only dims 1-3 of 5-D latents.
-        "kl_sum": 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).sum(),
-    }
+        kl_sum = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).sum()
+    parts = {"l1_sum": diff.abs().sum(), "mse_sum": diff.pow(2).sum(), "kl_sum": kl_sum}
     total = 0
     for weight, name in ((l1, "l1_sum"), (mse, "mse_sum"), (kl, "kl_sum")):
         if weight:
@@ -191,7 +197,7 @@ def latent_statistics(vae, clips) -> tuple[list[float], list[float]]:
     param = next(vae.parameters())
     for clip in clips:
         x = clip[None] if clip.dim() == 4 else clip
-        z = vae.encode(x.to(device=param.device, dtype=param.dtype)).latent_dist.mean.double()
+        z = adapter_for(vae).posterior_of(vae.encode(x.to(device=param.device, dtype=param.dtype))).mean.double()
         per_channel = z.transpose(0, 1).reshape(z.shape[1], -1)
         s, sq = per_channel.sum(1), per_channel.pow(2).sum(1)
         total = s if total is None else total + s
