@@ -14,6 +14,7 @@ from .autoencoder_kl import AUTOENCODER_KL, FLUX2
 from .base import FamilyAdapter
 from .hunyuan_video import ADAPTER as HUNYUANVIDEO
 from .hunyuan_video15 import ADAPTER as HUNYUANVIDEO15
+from .ltx import LTX2, LTXVIDEO
 from .qwenimage import ADAPTER as QWENIMAGE
 from .wan import ADAPTER as WAN
 
@@ -30,6 +31,7 @@ __all__ = [
 ]
 
 _ADAPTERS: tuple[FamilyAdapter, ...] = (WAN, QWENIMAGE, AUTOENCODER_KL, FLUX2, HUNYUANVIDEO, HUNYUANVIDEO15)
+_ADAPTERS += (LTXVIDEO, LTX2)
 
 #: name -> adapter (recipes' ``--seeded NAME:...``, benchmarks' ``--family NAME``)
 FAMILIES: dict[str, FamilyAdapter] = {a.name: a for a in _ADAPTERS}

@@ -249,6 +249,33 @@ SEEDED_LAYOUTS = {
              layers_per_block=2, spatial_compression_ratio=16, temporal_compression_ratio=4,
              downsample_match_channel=True, upsample_match_channel=True, scaling_factor=1.03682),
     ),
+    # LTX-Video 0.9.0 (Lightricks/LTX-Video vae/config.json), which is also diffusers' default: stride-2 conv
+    # downsamplers, no timestep conditioning, no decoder noise, zero padding; 32x spatial, 8x temporal.
+    "ltxvideo": (
+        "AutoencoderKLLTXVideo",
+        dict(in_channels=3, out_channels=3, latent_channels=128, block_out_channels=[128, 256, 512, 512],
+             decoder_block_out_channels=[128, 256, 512, 512], layers_per_block=[4, 3, 3, 3, 4],
+             decoder_layers_per_block=[4, 3, 3, 3, 4], spatio_temporal_scaling=[True, True, True, False],
+             decoder_spatio_temporal_scaling=[True, True, True, False],
+             decoder_inject_noise=[False, False, False, False, False], upsample_residual=[False, False, False, False],
+             upsample_factor=[1, 1, 1, 1], timestep_conditioning=False, patch_size=4, patch_size_t=1,
+             resnet_norm_eps=1e-6, scaling_factor=1.0, encoder_causal=True, decoder_causal=False),
+    ),
+    # LTX-2 (diffusers' convert_ltx2_to_diffusers.py, version 2.0): spatial / temporal / spatiotemporal
+    # space-to-depth downsamplers, residual depth-to-space upsamplers, reflect padding in the decoder.
+    "ltx2": (
+        "AutoencoderKLLTX2Video",
+        dict(in_channels=3, out_channels=3, latent_channels=128, block_out_channels=[256, 512, 1024, 2048],
+             down_block_types=["LTX2VideoDownBlock3D"] * 4, decoder_block_out_channels=[256, 512, 1024],
+             layers_per_block=[4, 6, 6, 2, 2], decoder_layers_per_block=[5, 5, 5, 5],
+             spatio_temporal_scaling=[True, True, True, True], decoder_spatio_temporal_scaling=[True, True, True],
+             decoder_inject_noise=[False, False, False, False],
+             downsample_type=["spatial", "temporal", "spatiotemporal", "spatiotemporal"],
+             upsample_residual=[True, True, True], upsample_factor=[2, 2, 2], timestep_conditioning=False,
+             patch_size=4, patch_size_t=1, resnet_norm_eps=1e-6, encoder_causal=True, decoder_causal=False,
+             encoder_spatial_padding_mode="zeros", decoder_spatial_padding_mode="reflect",
+             spatial_compression_ratio=32, temporal_compression_ratio=8),
+    ),
 }  # fmt: skip
 
 
@@ -271,6 +298,9 @@ def seeded_config(layout: str, width: Optional[int] = None, latent: Optional[int
             cfg["base_dim"] = width
         else:
             ratios = [c // cfg["block_out_channels"][0] for c in cfg["block_out_channels"]]
+            if "decoder_block_out_channels" in cfg:  # LTX: its own decoder widths, in the same ratio
+                scale = cfg["block_out_channels"][0]
+                cfg["decoder_block_out_channels"] = [width * c // scale for c in cfg["decoder_block_out_channels"]]
             cfg["block_out_channels"] = [width * r for r in ratios]
             if "norm_num_groups" in cfg:
                 groups = cfg["norm_num_groups"]
@@ -293,13 +323,16 @@ def build_seeded_vae(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     perturb: float = 0.0,
+    config: Optional[dict] = None,
 ):
     """A seeded VAE of any supported family's real layout (``SEEDED_LAYOUTS``); identical weights in every process
     for the same arguments. ``perturb`` adds seeded uniform noise to every parameter (norm scales that are not 1
-    and biases that are not 0, so a wrong statistic or a dropped gradient shows)."""
+    and biases that are not 0, so a wrong statistic or a dropped gradient shows). ``config`` replaces entries of
+    the layout's config after the width is applied (another released variant of the family, e.g. LTX-Video 0.9.5)."""
     import diffusers
 
     cls_name, cfg = seeded_config(layout, width, latent)
+    cfg.update(config or {})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vae = getattr(diffusers, cls_name)(**cfg)
