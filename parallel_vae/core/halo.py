@@ -136,7 +136,9 @@ def halo_rows(
     late_bottom = pad_bottom and x.shape[-2] < _rows_read(bottom_spec)
     fill_top = edge_rows(x, top_spec, "top") if pad_top and not late_top else None
     fill_bottom = edge_rows(x, bottom_spec, "bottom") if pad_bottom and not late_bottom else None
-    y = halo_pad(x, group, dim=-2, top=top, bottom=bottom, bottom_edge=bottom_edge, fill_top=fill_top, fill_bottom=fill_bottom)
+    y = halo_pad(
+        x, group, dim=-2, top=top, bottom=bottom, bottom_edge=bottom_edge, fill_top=fill_top, fill_bottom=fill_bottom
+    )
     if late_top:
         # [zero rows, my rows, rows from below] -> [the layer's padding of (my rows, rows from below), those rows]
         inner = y.narrow(-2, top, y.shape[-2] - top)
