@@ -4,12 +4,12 @@
   DESIGN.md's bars, at worlds 2 and 3 with uneven splits (3 latent rows on 2 ranks: 2/1; 4 on 3: 2/1/1; 3 on 3),
   replicated and sharded, every parameter perturbed (the LayerNorm affines, biases and timestep tables are not
   their initial values), diffusers' own activation checkpointing, and float32.
-* The default configurations (``SEEDED_LAYOUTS`` "ltxvideo" = LTX-Video 0.9.0, "ltx2" = the released LTX-2 VAE),
-  and the layer kinds of the later released LTX-Video VAEs at fewer layers per block: 0.9.1 (decoder noise
+* The default configurations (``SEEDED_LAYOUTS`` "ltxvideo" = LTX-Video 0.9.0 = diffusers' default, "ltx2" = the
+  released LTX-2 VAE, and LTX-2's class default with its causal decoder), and the layer kinds of the later released LTX-Video VAEs at fewer layers per block: 0.9.1 (decoder noise
   injection, timestep conditioning, residual depth-to-space upsamplers with channel factor 2) and 0.9.5
   (``LTXVideo095DownBlock3D`` with spatial / temporal / spatiotemporal space-to-depth downsamplers).
 * LTX-2's decoder pads reflect: ranks holding a single latent row at the global top or bottom build the reflected
-  row from their halo (2/1 and 1/1/1 splits).
+  row from their halo (2/1, 1/1 and 1/1/1 splits).
 * Noise injection: the reference and every rank seed the global generator alike right after building the model, so
   the unmodified model's per-pixel noise is the one each rank's rows must reproduce.
 * Bad input: one error, the same on every rank (too few rows, a height that is not a multiple of 32, wrong
@@ -47,6 +47,9 @@ VARIANTS = {
         decoder_spatio_temporal_scaling=[True, True, True], decoder_inject_noise=[True, True, True, False],
         upsample_residual=[True, True, True], upsample_factor=[2, 2, 2], timestep_conditioning=True,
     ),
+    # LTX-2's class default (diffusers' AutoencoderKLLTX2Video()), where it differs from the released VAE: a causal
+    # decoder (time padding on one side) and no compression ratios (diffusers then reports 64, the layers do 32)
+    "ltx2-class-default": dict(decoder_causal=True, spatial_compression_ratio=None, temporal_compression_ratio=None),
     "0.9.5": dict(
         block_out_channels=[8, 16, 32, 64, 128], down_block_types=["LTXVideo095DownBlock3D"] * 4,
         layers_per_block=[1, 1, 1, 1, 1], spatio_temporal_scaling=[True, True, True, True],
@@ -147,8 +150,9 @@ CASES = [
     # world 2: 3 latent rows -> 2/1; LTX-2's last rank holds one reflect-padded row
     LTXCase("ltxvideo", "float64", "replicated", world=2, latent_h=3),
     LTXCase("ltx2", "float64", "sharded", world=2, latent_h=3),
-    LTXCase("ltxvideo", "float64", "sharded", world=2, latent_h=3, frames=1, variant="0.9.1"),
+    LTXCase("ltxvideo", "float64", "sharded", world=2, latent_h=3, variant="0.9.1"),
     LTXCase("ltx2", "float32", "replicated", world=2, latent_h=3, frames=1, batch=2),
+    LTXCase("ltx2", "float64", "replicated", world=2, latent_h=2, variant="ltx2-class-default"),
     # world 3: 4 rows -> 2/1/1 and 3 rows -> 1/1/1 (LTX-2: one reflect-padded row at the top and at the bottom)
     LTXCase("ltxvideo", "float64", "sharded", world=3, latent_h=4, frames=1),
     LTXCase("ltx2", "float64", "replicated", world=3, latent_h=3, checkpointing=True),
@@ -159,7 +163,7 @@ CASES = [
 # The unmodified float64 model (diffusers' float32 norm and timestep embedding inside), held to its own
 # reproducibility instead of 1e-10: test_ltxvideo_float32_internals.
 UNMODIFIED = [
-    LTXCase("ltxvideo", "float64", "sharded", world=2, latent_h=3, frames=1, variant="0.9.1", float64_internals=False)
+    LTXCase("ltxvideo", "float64", "sharded", world=2, latent_h=3, variant="0.9.1", float64_internals=False)
 ]
 
 

@@ -102,6 +102,11 @@ class FamilyAdapter:
         return_dict = extra.pop("return_dict", True)
         return extra, return_dict
 
+    def default_decode_kwargs(self, vae: nn.Module, z: torch.Tensor) -> dict:
+        """Further ``decode`` arguments the recipes and :func:`parallel_vae.decode_video` pass: what the family's
+        pipelines pass by default (none for most families)."""
+        return {}
+
     def wrap_decoded(self, sample: torch.Tensor, return_dict: bool = True):
         """The value the class's own ``_decode`` returns for ``sample``."""
         if not self.decode_returns_output:

@@ -263,6 +263,13 @@ class LTXVideoAdapter(FamilyAdapter):
             )
         return None
 
+    def default_decode_kwargs(self, vae, z) -> dict:
+        """A timestep-conditioned decoder (LTX-Video 0.9.1 and later) takes a decode timestep; LTX pipelines'
+        default is ``decode_timestep=0.0`` (with ``decode_noise_scale`` 0: the latents are decoded as they are)."""
+        if not vae.config.timestep_conditioning:
+            return {}
+        return {"temb": torch.zeros(z.shape[0], device=z.device, dtype=z.dtype)}
+
     def denormalize(self, vae, z):
         """LTX pipelines decode ``z * latents_std / scaling_factor + latents_mean`` (the model's buffers)."""
         mean, std = _stats(vae, z)

@@ -17,6 +17,7 @@ import torch.nn as nn
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from ..api import local_rows, sharded_decode, sharded_encode
+from ..families import adapter_for
 from ..loss import sharded_loss
 
 __all__ = [
@@ -96,7 +97,8 @@ class ShardedAutoencoder(nn.Module):
             moments = sharded_encode(self.vae, x_local).parameters
         posterior = DiagonalGaussianDistribution(moments)
         z = posterior.mean if noise_local is None else posterior.mean + posterior.std * noise_local.to(moments.dtype)
-        return sharded_decode(self.vae, z), moments
+        kwargs = adapter_for(self.vae).default_decode_kwargs(self.vae, z)  # e.g. LTX's decode timestep
+        return sharded_decode(self.vae, z, **kwargs), moments
 
 
 def posterior_noise(
