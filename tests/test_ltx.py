@@ -242,6 +242,30 @@ def test_ltx_noise_is_drawn():
     assert (a - b).abs().max() > 1e-3 and torch.equal(a, c)
 
 
+def _frame_noise_worker(rank: int, world: int):
+    """Rows 2/1 of a 5-wide frame, each rank's generator seeded differently: (my rows, my generator's next draw)."""
+    import torch.distributed as dist
+
+    from parallel_vae.core.noise import frame_noise
+
+    torch.manual_seed(100 + rank)
+    rows = [2, 1][rank]
+    mine = frame_noise(rows, 5, dist.group.WORLD, device=torch.device("cpu"), dtype=torch.float64)
+    return mine, torch.randn(3, dtype=torch.float64)
+
+
+def test_frame_noise_is_rank_zeros_field_and_generators_advance_alike():
+    """The shards form one field, group rank 0's draw of the whole frame, even when the ranks' generators differ;
+    each rank's generator advanced by exactly one whole-frame draw, as the unmodified model's would."""
+    per_rank = values(run_ranks(_frame_noise_worker, 2, timeout=120))
+    for rank, (_, after) in enumerate(per_rank):
+        g = torch.Generator().manual_seed(100 + rank)
+        full = torch.randn((3, 5), generator=g, dtype=torch.float64)
+        assert torch.equal(after, torch.randn(3, generator=g, dtype=torch.float64))
+        if rank == 0:
+            assert torch.equal(torch.cat([r[0] for r in per_rank]), full)
+
+
 def _bad_input_worker(rank: int, world: int, layout: str):
     """Each bad call on every rank: the error type and message."""
     torch.set_num_threads(1)
