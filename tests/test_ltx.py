@@ -266,6 +266,37 @@ def test_frame_noise_is_rank_zeros_field_and_generators_advance_alike():
             assert torch.equal(torch.cat([r[0] for r in per_rank]), full)
 
 
+def _reflect_edge_worker(rank: int, world: int, sizes: tuple):
+    """LTX-2's decoder conv (3x3x3, reflect) on shards whose edge ranks hold one row: (forward rel err, gradcheck)."""
+    import torch.distributed as dist
+    import torch.nn as nn
+
+    from parallel_vae.core.halo import HaloConv
+    from tests.test_core import _SumGradsOverGroup, _rel, _sharded, _swap
+
+    torch.manual_seed(0)
+    group = dist.group.WORLD
+    conv = nn.Conv3d(2, 3, 3, padding=(0, 1, 1), padding_mode="reflect").double()
+    x = torch.randn(1, 2, 3, sum(sizes), 3, dtype=torch.float64, requires_grad=True)
+    ref = conv(x)
+    w0 = conv.weight.detach().clone().requires_grad_(True)
+    _swap(conv, HaloConv, group)
+
+    def f(x, w):
+        w = _SumGradsOverGroup.apply(w, group)
+        return _sharded(lambda l: torch.func.functional_call(conv, {"weight": w, "bias": conv.bias}, (l,)), sizes, group)(x)
+
+    return _rel(f(x, w0), ref), torch.autograd.gradcheck(f, (x, w0), eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("sizes", [(1, 1), (1, 2, 1)])
+def test_reflect_padding_on_one_row_edge_shards(sizes):
+    """A reflect pad reads the second row, which a one-row edge shard lacks: it is built from the halo instead."""
+    err, ok = values(run_ranks(_reflect_edge_worker, len(sizes), sizes, timeout=240))[0]
+    assert err <= 1e-10 and ok, (err, ok)
+
+
 def _bad_input_worker(rank: int, world: int, layout: str):
     """Each bad call on every rank: the error type and message."""
     torch.set_num_threads(1)
