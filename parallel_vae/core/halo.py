@@ -14,7 +14,9 @@ rows of padding above needs, for the output rows of a shard that starts on a mul
 
 The padding at the global edges is exactly the layer's own (zeros, replicate, reflect or constant, or a sequence
 of them, e.g. HunyuanVideo's replicate pad followed by the convolution's zero pad): the edge rank builds those rows
-from its own rows with the same ``F.pad`` the layer uses, so their gradient flows back through the same op.
+from its own rows with the same ``F.pad`` the layer uses, so their gradient flows back through the same op. An edge
+shard too short for its padding (a reflect of n rows reads n + 1; LTX-2's decoder on one latent row per rank) builds
+it after the exchange, from its rows and the neighbour's halo rows, which hold the rows it lacks.
 
 The oneDNN note (``_conv``) is why the convolutions call a kernel directly.
 """
