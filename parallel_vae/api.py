@@ -278,13 +278,14 @@ def _check_tiling(vae) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _replicated_encode(self, x: torch.Tensor) -> torch.Tensor:
+def _replicated_encode(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     state = _state(self)
+    extra, _ = _adapter(state).call_args(self, "_encode", args, kwargs)
     _check_tiling(self)
     sizes = _agree(self, "encode", x, state)
     # (.., H, W) -> (.., H_r, W): my pixel rows; backward all-gathers the input gradient.
     x_local = scatter_rows(x, state.group, dim=-2, sizes=sizes)
-    h_local = _adapter(state).encode_local(self, x_local)
+    h_local = _adapter(state).encode_local(self, x_local, **extra)
     return gather_rows(h_local, state.group, dim=-2, sizes=[s // state.factor for s in sizes])
 
 
@@ -292,11 +293,11 @@ def _replicated_decode(self, z: torch.Tensor, *args, **kwargs):
     """Stands in for the class's own ``_decode`` (same signature and return type, which differ by family)."""
     state = _state(self)
     adapter = _adapter(state)
-    return_dict = kwargs.pop("return_dict", args[0] if args else True)
+    extra, return_dict = adapter.call_args(self, "_decode", args, kwargs)
     _check_tiling(self)
     sizes = _agree(self, "decode", z, state)
     z_local = scatter_rows(z, state.group, dim=-2, sizes=sizes)
-    out_local = adapter.decode_local(self, z_local)
+    out_local = adapter.decode_local(self, z_local, **extra)
     out = gather_rows(out_local, state.group, dim=-2, sizes=scale_sizes(sizes, state.factor))
     return adapter.wrap_decoded(out, return_dict)
 
@@ -306,33 +307,39 @@ def _replicated_decode(self, z: torch.Tensor, *args, **kwargs):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def sharded_encode(vae, x_local: torch.Tensor) -> DiagonalGaussianDistribution:
+def sharded_encode(vae, x_local: torch.Tensor, **kwargs) -> DiagonalGaussianDistribution:
     """Encode this rank's pixel rows; returns the posterior over this rank's latent rows (a point mass at the
     latents for a deterministic encoder, DC-AE: ``mode()`` is the latents, ``parameters`` too).
 
     ``x_local`` is (B, C, T, H_r, W) (videos) or (B, C, H_r, W) (images) with H_r a positive multiple of the spatial factor; the shards of the group,
     in group-rank order, are the rows of the whole video (any split; :func:`shard_video` gives the balanced one).
+    ``kwargs``: the class's own further ``encode`` arguments (LTX-2: ``causal``), the same on every rank.
     """
     state = _state(vae)
     adapter = _adapter(state)
     if state.size == 1:
-        return adapter.posterior_of(vae.encode(x_local))
+        return adapter.posterior_of(vae.encode(x_local, **kwargs))
+    extra, _ = adapter.call_args(vae, "_encode", (), kwargs)
     _check_tiling(vae)
     _agree(vae, "sharded_encode", x_local, state)
     parts = x_local.split(1) if getattr(vae, "use_slicing", False) and x_local.shape[0] > 1 else [x_local]
-    h = torch.cat([adapter.encode_local(vae, p) for p in parts])
+    h = torch.cat([adapter.encode_local(vae, p, **extra) for p in parts])
     return adapter.posterior(h)
 
 
-def sharded_decode(vae, z_local: torch.Tensor) -> torch.Tensor:
-    """Decode this rank's latent rows (B, C, [T,] h_r, w) into its pixel rows (B, C', [T',] h_r x factor, w x factor)."""
+def sharded_decode(vae, z_local: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Decode this rank's latent rows (B, C, [T,] h_r, w) into its pixel rows (B, C', [T',] h_r x factor, w x factor).
+
+    ``kwargs``: the class's own further ``decode`` arguments (LTX: ``temb``, the per-sample decode timestep of a
+    timestep-conditioned decoder; LTX-2 also ``causal``), the same on every rank."""
     state = _state(vae)
     if state.size == 1:
-        return vae.decode(z_local).sample
+        return vae.decode(z_local, **kwargs).sample
+    extra, _ = _adapter(state).call_args(vae, "_decode", (), kwargs)
     _check_tiling(vae)
     _agree(vae, "sharded_decode", z_local, state)
     parts = z_local.split(1) if getattr(vae, "use_slicing", False) and z_local.shape[0] > 1 else [z_local]
-    return torch.cat([_adapter(state).decode_local(vae, p) for p in parts])
+    return torch.cat([_adapter(state).decode_local(vae, p, **extra) for p in parts])
 
 
 def local_rows(vae, latent_height: int) -> tuple[int, int]:

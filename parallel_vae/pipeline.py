@@ -80,11 +80,12 @@ def decode_video(
     parallel = is_spatially_parallel(vae) and spatial_size(vae) > 1
     latents = latents.to(device=vae.device, dtype=vae.dtype)
     total = adapter_for(vae).progress_total(vae, latents, decode=True)
+    kwargs = adapter_for(vae).default_decode_kwargs(vae, latents)  # e.g. LTX's decode timestep
     with torch.set_grad_enabled(grad), _chunk_progress(vae.decoder, total, "decode", progress and group_rank(None) == 0):
         if not parallel:
-            return vae.decode(latents).sample
+            return vae.decode(latents, **kwargs).sample
         local = latents if sharded else shard_latents(vae, latents)
-        out = sharded_decode(vae, local)
+        out = sharded_decode(vae, local, **kwargs)
         return gather_shards(vae, out) if gather else out
 
 

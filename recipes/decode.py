@@ -2,8 +2,8 @@
 
     accelerate launch [--config_file accelerate_configs/X.yaml] recipes/decode.py [flags]
 
-Any supported family: Wan 2.1/2.2, Qwen-Image, HunyuanVideo, HunyuanVideo-1.5 (videos) and AutoencoderKL
-(SD/SDXL/SD3/Flux.1), Flux.2 (images); the class comes from the model's config. Writes OUTPUT_DIR/video.mp4 for
+Any supported family: Wan 2.1/2.2, Qwen-Image, HunyuanVideo, HunyuanVideo-1.5, LTX-Video, LTX-2 (videos) and
+AutoencoderKL (SD/SDXL/SD3/Flux.1), Flux.2 (images); the class comes from the model's config. Writes OUTPUT_DIR/video.mp4 for
 video VAEs, OUTPUT_DIR/image.png (+ contact_sheet.png for a batch) for image VAEs (main rank, atomically) and
 OUTPUT_DIR/metrics.json. With no model flag it uses the built-in default model (parallel_vae/assets/default_vae/
 if present, else a seeded model of the real Wan2.1 layout at a small width); with no input flag, a built-in
@@ -40,6 +40,7 @@ except ImportError:  # run from a checkout without installing: the package sits 
 from parallel_vae.jobs.cli import (
     AUTO_MIN_WORK_PER_RANK,
     DTYPE_NAMES,
+    SEEDED_LAYOUT_NAMES,
     ArgumentParser,
     add_runtime_args,
     help_requested,
@@ -72,16 +73,16 @@ def build_parser() -> ArgumentParser:
         "--pretrained",
         metavar="PATH_OR_ID",
         help="a diffusers VAE of any supported family (AutoencoderKLWan, AutoencoderKLQwenImage, AutoencoderKL, "
-        "AutoencoderKLFlux2, AutoencoderKLHunyuanVideo, AutoencoderKLHunyuanVideo15, AutoencoderKLCogVideoX; the "
-        "class comes from the config's _class_name): a local save_pretrained folder or a hub id "
-        "(e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers). "
+        "AutoencoderKLFlux2, AutoencoderKLHunyuanVideo, AutoencoderKLHunyuanVideo15, AutoencoderKLCogVideoX, "
+        "AutoencoderKLLTXVideo, AutoencoderKLLTX2Video, AutoencoderKLMochi, AutoencoderDC; the class comes from the "
+        "config's _class_name): a local save_pretrained folder or a hub id (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers). "
         "For a pipeline folder/repo the VAE is in vae/: detected for local folders, tried first for hub ids",
     )
     m.add_argument(
         "--seeded",
         metavar="LAYOUT[:WIDTH[:LATENT]]",
         help="a seeded, untrained model of a family's real layout at a small width, for tests and benchmarks: "
-        "LAYOUT is wan2.1, wan2.2, qwenimage, sd, sdxl, sd3, flux1, flux2, hunyuanvideo, hunyuanvideo15 or cogvideox "
+        f"LAYOUT is one of {', '.join(SEEDED_LAYOUT_NAMES)} "
         "(e.g. sd:32:4)",
     )
     m.add_argument(
@@ -127,8 +128,9 @@ def build_parser() -> ArgumentParser:
         action="store_true",
         help="the latents are normalized, as pipelines return them with output_type='latent': undo it the "
         "family's way before decoding (Wan/Qwen-Image: z * latents_std + latents_mean; AutoencoderKL: "
-        "z / scaling_factor + shift_factor; Flux.2: un-BatchNorm and unpatchify; HunyuanVideo(-1.5) and CogVideoX: "
-        "z / scaling_factor; CogVideoX pipelines return (B, T, C, H, W): permute to (B, C, T, H, W) first)",
+        "z / scaling_factor + shift_factor; Flux.2: un-BatchNorm and unpatchify; HunyuanVideo(-1.5), CogVideoX, "
+        "Mochi and DC-AE: z / scaling_factor (CogVideoX pipelines return (B, T, C, H, W): permute to (B, C, T, H, W) "
+        "first); LTX-Video, LTX-2: z * latents_std / scaling_factor + latents_mean)",
     )
     i.add_argument(
         "--video",

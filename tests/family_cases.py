@@ -52,6 +52,11 @@ class FCase:
             f"-h{self.latent_h}x{self.latent_w}{g}"
         )
 
+    def decode_kwargs(self, dtype: torch.dtype) -> dict:
+        """Further arguments of ``decode`` / ``sharded_decode``, the same for the reference and every rank (none
+        here; e.g. a timestep-conditioned decoder's ``temb``)."""
+        return {}
+
 
 def make_model(case: FCase, dtype: torch.dtype):
     return build_seeded_vae(
@@ -84,7 +89,7 @@ def reference(case: FCase, dtype_name: Optional[str] = None) -> dict:
     x.requires_grad_(case.grads)
     with torch.set_grad_enabled(case.grads):
         z = adapter_for(vae).posterior_of(vae.encode(x)).mode()
-        out = vae.decode(z).sample
+        out = vae.decode(z, **case.decode_kwargs(dtype)).sample
     res = dict(z=z.detach(), out=out.detach())
     if case.grads:
         (out * w).sum().backward()
@@ -124,12 +129,12 @@ def run_case(rank: int, case: FCase):
     with torch.set_grad_enabled(case.grads):
         if case.mode == "replicated":
             z = adapter_for(vae).posterior_of(vae.encode(x)).mode()
-            out = vae.decode(z).sample
+            out = vae.decode(z, **case.decode_kwargs(dtype)).sample
             loss = (out * w).sum()
         else:
             x_local = pv.shard_video(vae, x)
             z_local = pv.sharded_encode(vae, x_local).mode()
-            out_local = pv.sharded_decode(vae, z_local)
+            out_local = pv.sharded_decode(vae, z_local, **case.decode_kwargs(dtype))
             loss = (out_local * pv.shard_video(vae, w)).sum()
             z, out = pv.gather_shards(vae, z_local.detach()), pv.gather_shards(vae, out_local.detach())
     hook.remove()

@@ -148,6 +148,15 @@ def _reduce_scatter_single(out: torch.Tensor, inp: torch.Tensor, group) -> None:
     _wait([fn(out, inp, group=group, async_op=True)])
 
 
+def _broadcast(t: torch.Tensor, group, src: int = 0) -> None:
+    """In place: every rank's ``t`` becomes group rank ``src``'s (a constant drawn on one rank, e.g. noise)."""
+    if _counter is not None:
+        peers = group_size(group) - 1
+        mine = group_rank(group) == src
+        _counter.add("broadcast", _nbytes(t) * peers if mine else 0, 0 if mine else _nbytes(t))
+    _wait([dist.broadcast(t, src=_global_peer(group, src), group=group, async_op=True)])
+
+
 def _p2p_start(sends: Sequence[tuple[torch.Tensor, int]], recvs: Sequence[tuple[torch.Tensor, int]], group) -> list:
     """Post all sends and receives (peers are group ranks) as one batch; return the works to wait on."""
     if _counter is not None:

@@ -14,7 +14,9 @@ rows of padding above needs, for the output rows of a shard that starts on a mul
 
 The padding at the global edges is exactly the layer's own (zeros, replicate, reflect or constant, or a sequence
 of them, e.g. HunyuanVideo's replicate pad followed by the convolution's zero pad): the edge rank builds those rows
-from its own rows with the same ``F.pad`` the layer uses, so their gradient flows back through the same op.
+from its own rows with the same ``F.pad`` the layer uses, so their gradient flows back through the same op. An edge
+shard too short for its padding (a reflect of n rows reads n + 1; LTX-2's decoder on one latent row per rank) builds
+it after the exchange, from its rows and the neighbour's halo rows, which hold the rows it lacks.
 
 The oneDNN note (``_conv``) is why the convolutions call a kernel directly.
 """
@@ -128,11 +130,45 @@ def halo_rows(
         for mode, n, value in bottom_spec:
             out = _pad_rows_of(out, 0, n, mode, value)
         return out
-    fill_top = edge_rows(x, top_spec, "top") if rank == 0 and top and not _is_zero(top_spec) else None
-    fill_bottom = (
-        edge_rows(x, bottom_spec, "bottom") if rank == size - 1 and bottom_edge and not _is_zero(bottom_spec) else None
+    pad_top = rank == 0 and top and not _is_zero(top_spec)
+    pad_bottom = rank == size - 1 and bottom_edge and not _is_zero(bottom_spec)
+    # A reflect pad of n rows reads n + 1 rows; an edge shard with fewer (one latent row of LTX-2's reflect-padded
+    # decoder) builds its padding after the exchange, from its rows and the halo rows of its neighbour.
+    late_top = pad_top and x.shape[-2] < _rows_read(top_spec)
+    late_bottom = pad_bottom and x.shape[-2] < _rows_read(bottom_spec)
+    fill_top = edge_rows(x, top_spec, "top") if pad_top and not late_top else None
+    fill_bottom = edge_rows(x, bottom_spec, "bottom") if pad_bottom and not late_bottom else None
+    y = halo_pad(
+        x, group, dim=-2, top=top, bottom=bottom, bottom_edge=bottom_edge, fill_top=fill_top, fill_bottom=fill_bottom
     )
-    return halo_pad(x, group, dim=-2, top=top, bottom=bottom, bottom_edge=bottom_edge, fill_top=fill_top, fill_bottom=fill_bottom)
+    if late_top:
+        # [zero rows, my rows, rows from below] -> [the layer's padding of (my rows, rows from below), those rows]
+        inner = y.narrow(-2, top, y.shape[-2] - top)
+        _check_edge_rows(inner, top_spec)
+        y = torch.cat([edge_rows(inner, top_spec, "top"), inner], -2)
+    if late_bottom:
+        inner = y.narrow(-2, 0, y.shape[-2] - bottom_edge)
+        _check_edge_rows(inner, bottom_spec)
+        y = torch.cat([inner, edge_rows(inner, bottom_spec, "bottom")], -2)
+    return y
+
+
+def _rows_read(spec: PadSpec) -> int:
+    """Rows of its edge that ``spec`` reads: n + 1 for a reflect of n rows, less the rows padded before it."""
+    read, before = 1, 0
+    for mode, n, _ in spec:
+        if mode == "reflect":
+            read = max(read, n - before + 1)
+        before += n
+    return read
+
+
+def _check_edge_rows(inner: torch.Tensor, spec: PadSpec) -> None:
+    if inner.shape[-2] < _rows_read(spec):
+        raise ShardingError(
+            f"an edge shard with its halo holds {inner.shape[-2]} rows; the layer's edge padding {tuple(spec)} reads "
+            f"{_rows_read(spec)}"
+        )
 
 
 def halo_for_conv(

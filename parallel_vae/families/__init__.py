@@ -16,6 +16,7 @@ from .cogvideox import ADAPTER as COGVIDEOX
 from .dc_ae import ADAPTER as DCAE
 from .hunyuan_video import ADAPTER as HUNYUANVIDEO
 from .hunyuan_video15 import ADAPTER as HUNYUANVIDEO15
+from .ltx import LTX2, LTXVIDEO
 from .qwenimage import ADAPTER as QWENIMAGE
 from .wan import ADAPTER as WAN
 
@@ -32,7 +33,7 @@ __all__ = [
 ]
 
 _ADAPTERS: tuple[FamilyAdapter, ...] = (
-    WAN, QWENIMAGE, AUTOENCODER_KL, FLUX2, HUNYUANVIDEO, HUNYUANVIDEO15, COGVIDEOX, DCAE,
+    WAN, QWENIMAGE, AUTOENCODER_KL, FLUX2, HUNYUANVIDEO, HUNYUANVIDEO15, COGVIDEOX, DCAE, LTXVIDEO, LTX2,
 )  # fmt: skip
 
 #: name -> adapter (recipes' ``--seeded NAME:...``, benchmarks' ``--family NAME``)

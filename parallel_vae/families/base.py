@@ -9,6 +9,7 @@ every family.
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -98,15 +99,32 @@ class FamilyAdapter:
         return None
 
     # --- the class's own encoder/decoder on local rows ----------------------------------------------------------
-    def encode_local(self, vae: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The class's own ``_encode`` (posterior moments) on this rank's rows."""
-        return type(vae)._encode(vae, x)
+    def encode_local(self, vae: nn.Module, x: torch.Tensor, **extra) -> torch.Tensor:
+        """The class's own ``_encode`` (posterior moments) on this rank's rows; ``extra``: the class's own further
+        ``_encode`` arguments (LTX-2's ``causal``), as :meth:`call_args` found them."""
+        return type(vae)._encode(vae, x, **extra)
 
-    def decode_local(self, vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
-        """The class's own ``_decode`` on this rank's latent rows, as a tensor."""
+    def decode_local(self, vae: nn.Module, z: torch.Tensor, **extra) -> torch.Tensor:
+        """The class's own ``_decode`` on this rank's latent rows, as a tensor; ``extra``: the class's own further
+        ``_decode`` arguments (LTX's ``temb``, LTX-2's ``causal``), as :meth:`call_args` found them."""
         if self.decode_returns_output:
-            return type(vae)._decode(vae, z, return_dict=False)[0]
-        return type(vae)._decode(vae, z)
+            return type(vae)._decode(vae, z, return_dict=False, **extra)[0]
+        return type(vae)._decode(vae, z, **extra)
+
+    def call_args(self, vae: nn.Module, method: str, args: tuple, kwargs: dict) -> tuple[dict, bool]:
+        """(further keyword arguments, return_dict) of a call ``vae.<method>(x, *args, **kwargs)`` of the class's own
+        ``_encode`` / ``_decode``, bound to that method's signature, so an argument the class's ``encode``/``decode``
+        passes positionally (LTX: ``self._decode(z, temb)``) is not mistaken for ``return_dict``."""
+        bound = inspect.signature(getattr(type(vae), method)).bind(vae, None, *args, **kwargs)
+        names = list(bound.signature.parameters)[2:]
+        extra = {name: bound.arguments[name] for name in names if name in bound.arguments}
+        return_dict = extra.pop("return_dict", True)
+        return extra, return_dict
+
+    def default_decode_kwargs(self, vae: nn.Module, z: torch.Tensor) -> dict:
+        """Further ``decode`` arguments the recipes and :func:`parallel_vae.decode_video` pass: what the family's
+        pipelines pass by default (none for most families)."""
+        return {}
 
     def wrap_decoded(self, sample: torch.Tensor, return_dict: bool = True):
         """The value the class's own ``_decode`` returns for ``sample``."""

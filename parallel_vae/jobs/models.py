@@ -272,6 +272,33 @@ SEEDED_LAYOUTS = {
              upsample_block_type="interpolate", downsample_block_type="Conv", decoder_norm_types="rms_norm",
              decoder_act_fns="silu", scaling_factor=0.41407),
     ),
+    # LTX-Video 0.9.0 (Lightricks/LTX-Video vae/config.json), which is also diffusers' default: stride-2 conv
+    # downsamplers, no timestep conditioning, no decoder noise, zero padding; 32x spatial, 8x temporal.
+    "ltxvideo": (
+        "AutoencoderKLLTXVideo",
+        dict(in_channels=3, out_channels=3, latent_channels=128, block_out_channels=[128, 256, 512, 512],
+             decoder_block_out_channels=[128, 256, 512, 512], layers_per_block=[4, 3, 3, 3, 4],
+             decoder_layers_per_block=[4, 3, 3, 3, 4], spatio_temporal_scaling=[True, True, True, False],
+             decoder_spatio_temporal_scaling=[True, True, True, False],
+             decoder_inject_noise=[False, False, False, False, False], upsample_residual=[False, False, False, False],
+             upsample_factor=[1, 1, 1, 1], timestep_conditioning=False, patch_size=4, patch_size_t=1,
+             resnet_norm_eps=1e-6, scaling_factor=1.0, encoder_causal=True, decoder_causal=False),
+    ),
+    # LTX-2 (diffusers' convert_ltx2_to_diffusers.py, version 2.0): spatial / temporal / spatiotemporal
+    # space-to-depth downsamplers, residual depth-to-space upsamplers, reflect padding in the decoder.
+    "ltx2": (
+        "AutoencoderKLLTX2Video",
+        dict(in_channels=3, out_channels=3, latent_channels=128, block_out_channels=[256, 512, 1024, 2048],
+             down_block_types=["LTX2VideoDownBlock3D"] * 4, decoder_block_out_channels=[256, 512, 1024],
+             layers_per_block=[4, 6, 6, 2, 2], decoder_layers_per_block=[5, 5, 5, 5],
+             spatio_temporal_scaling=[True, True, True, True], decoder_spatio_temporal_scaling=[True, True, True],
+             decoder_inject_noise=[False, False, False, False],
+             downsample_type=["spatial", "temporal", "spatiotemporal", "spatiotemporal"],
+             upsample_residual=[True, True, True], upsample_factor=[2, 2, 2], timestep_conditioning=False,
+             patch_size=4, patch_size_t=1, resnet_norm_eps=1e-6, encoder_causal=True, decoder_causal=False,
+             encoder_spatial_padding_mode="zeros", decoder_spatial_padding_mode="reflect",
+             spatial_compression_ratio=32, temporal_compression_ratio=8),
+    ),
 }  # fmt: skip
 
 
@@ -279,7 +306,8 @@ def seeded_config(
     layout: str, width: Optional[int] = None, latent: Optional[int] = None, overrides: Optional[dict] = None
 ) -> tuple[str, dict]:
     """(diffusers class name, config) of ``layout`` at base channel width ``width`` and ``latent`` latent channels;
-    ``overrides`` replace config entries last (e.g. fewer layers per block for fast tests, same layer kinds).
+    ``overrides`` replace config entries last (fewer layers per block for fast tests with the same layer kinds, or
+    another released variant of the family, e.g. LTX-Video 0.9.5).
 
     ``width`` replaces the first block's channels; the others keep the real ratios. Families with GroupNorm keep
     the real group count where the width allows, else halve it until every group has at least 2 channels of the
@@ -303,6 +331,9 @@ def seeded_config(
             cfg["attention_head_dim"] = min(cfg["attention_head_dim"], min(attn, default=cfg["attention_head_dim"]))
         else:
             ratios = [c // cfg["block_out_channels"][0] for c in cfg["block_out_channels"]]
+            if "decoder_block_out_channels" in cfg:  # LTX: its own decoder widths, in the same ratio
+                scale = cfg["block_out_channels"][0]
+                cfg["decoder_block_out_channels"] = [width * c // scale for c in cfg["decoder_block_out_channels"]]
             cfg["block_out_channels"] = [width * r for r in ratios]
             if "norm_num_groups" in cfg:
                 groups = cfg["norm_num_groups"]

@@ -98,7 +98,8 @@ class ShardedAutoencoder(nn.Module):
             moments = sharded_encode(self.vae, x_local).parameters
         posterior = adapter_for(self.vae).posterior(moments)
         z = posterior.mean if noise_local is None else posterior.mean + posterior.std * noise_local.to(moments.dtype)
-        return sharded_decode(self.vae, z), moments
+        kwargs = adapter_for(self.vae).default_decode_kwargs(self.vae, z)  # e.g. LTX's decode timestep
+        return sharded_decode(self.vae, z, **kwargs), moments
 
 
 def posterior_noise(

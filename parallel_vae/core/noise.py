@@ -1,0 +1,41 @@
+"""Per-pixel noise on row shards that is the unmodified model's noise, row for row.
+
+A layer that adds ``torch.randn((H, W))`` over its whole frame (LTX-Video's decoder noise injection) would, run on
+a shard, draw an (H_r, W) field: different numbers, and different ones on every rank, so the shards would not even
+form one field. Here every rank draws the whole frame's (H, W) field exactly as the unmodified layer does (same
+call, same generator, same shape), so every rank's generator advances as the unmodified model's would and later
+draws stay in step; the field of group rank 0 is then broadcast and each rank keeps its own rows. The result is the
+unmodified model's noise whenever group rank 0's generator is in the state the unmodified model's would be in
+(seed it as you would seed a single process), and one consistent field over the group even when the ranks' generators
+differ. The noise is a constant (no gradient), so the broadcast needs no backward.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .comm import _broadcast, all_gather_sizes, group_rank, group_size
+
+__all__ = ["frame_noise"]
+
+
+def frame_noise(
+    rows: int,
+    width: int,
+    group,
+    *,
+    generator: Optional[torch.Generator] = None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """This rank's ``rows`` rows of ``torch.randn((H, width), generator=generator)`` over the whole frame, where H
+    is the sum of every rank's ``rows`` (shards may differ in size; one small all-gather finds them)."""
+    if group_size(group) == 1:
+        return torch.randn((rows, width), generator=generator, device=device, dtype=dtype)
+    sizes = all_gather_sizes(rows, group, device)
+    full = torch.randn((sum(sizes), width), generator=generator, device=device, dtype=dtype)
+    _broadcast(full, group, src=0)
+    start = sum(sizes[: group_rank(group)])
+    return full.narrow(0, start, rows)
