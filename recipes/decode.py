@@ -2,7 +2,7 @@
 
     accelerate launch [--config_file accelerate_configs/X.yaml] recipes/decode.py [flags]
 
-Any supported family: Wan 2.1/2.2, Qwen-Image, HunyuanVideo, HunyuanVideo-1.5 (videos) and AutoencoderKL
+Any supported family: Wan 2.1/2.2, Qwen-Image, HunyuanVideo, HunyuanVideo-1.5, Mochi (videos) and AutoencoderKL
 (SD/SDXL/SD3/Flux.1), Flux.2 (images); the class comes from the model's config. Writes OUTPUT_DIR/video.mp4 for
 video VAEs, OUTPUT_DIR/image.png (+ contact_sheet.png for a batch) for image VAEs (main rank, atomically) and
 OUTPUT_DIR/metrics.json. With no model flag it uses the built-in default model (parallel_vae/assets/default_vae/
@@ -72,7 +72,7 @@ def build_parser() -> ArgumentParser:
         "--pretrained",
         metavar="PATH_OR_ID",
         help="a diffusers VAE of any supported family (AutoencoderKLWan, AutoencoderKLQwenImage, AutoencoderKL, "
-        "AutoencoderKLFlux2, AutoencoderKLHunyuanVideo, AutoencoderKLHunyuanVideo15; the class comes from the "
+        "AutoencoderKLFlux2, AutoencoderKLHunyuanVideo, AutoencoderKLHunyuanVideo15, AutoencoderKLMochi; the class comes from the "
         "config's _class_name): a local save_pretrained folder or a hub id (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers). "
         "For a pipeline folder/repo the VAE is in vae/: detected for local folders, tried first for hub ids",
     )
@@ -80,8 +80,8 @@ def build_parser() -> ArgumentParser:
         "--seeded",
         metavar="LAYOUT[:WIDTH[:LATENT]]",
         help="a seeded, untrained model of a family's real layout at a small width, for tests and benchmarks: "
-        "LAYOUT is wan2.1, wan2.2, qwenimage, sd, sdxl, sd3, flux1, flux2, hunyuanvideo or hunyuanvideo15 "
-        "(e.g. sd:32:4)",
+        "LAYOUT is wan2.1, wan2.2, qwenimage, sd, sdxl, sd3, flux1, flux2, hunyuanvideo, hunyuanvideo15 or mochi "
+        "(e.g. sd:32:4; mochi widths are multiples of 32)",
     )
     m.add_argument(
         "--subfolder",

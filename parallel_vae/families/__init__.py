@@ -14,6 +14,7 @@ from .autoencoder_kl import AUTOENCODER_KL, FLUX2
 from .base import FamilyAdapter
 from .hunyuan_video import ADAPTER as HUNYUANVIDEO
 from .hunyuan_video15 import ADAPTER as HUNYUANVIDEO15
+from .mochi import ADAPTER as MOCHI
 from .qwenimage import ADAPTER as QWENIMAGE
 from .wan import ADAPTER as WAN
 
@@ -29,7 +30,7 @@ __all__ = [
     "is_video",
 ]
 
-_ADAPTERS: tuple[FamilyAdapter, ...] = (WAN, QWENIMAGE, AUTOENCODER_KL, FLUX2, HUNYUANVIDEO, HUNYUANVIDEO15)
+_ADAPTERS: tuple[FamilyAdapter, ...] = (WAN, QWENIMAGE, AUTOENCODER_KL, FLUX2, HUNYUANVIDEO, HUNYUANVIDEO15, MOCHI)
 
 #: name -> adapter (recipes' ``--seeded NAME:...``, benchmarks' ``--family NAME``)
 FAMILIES: dict[str, FamilyAdapter] = {a.name: a for a in _ADAPTERS}

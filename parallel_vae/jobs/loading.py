@@ -203,7 +203,7 @@ def parse_seeded(spec: str) -> dict:
     """``LAYOUT[:WIDTH[:LATENT]]`` (``--seeded``) -> keyword arguments of :func:`build_seeded_vae`.
 
     LAYOUT is one of ``parallel_vae.jobs.models.SEEDED_LAYOUTS`` (wan2.1, wan2.2, sd, sdxl, sd3, flux1, flux2,
-    qwenimage, hunyuanvideo, hunyuanvideo15); WIDTH is the first block's channels, LATENT the latent channels."""
+    qwenimage, hunyuanvideo, hunyuanvideo15, mochi); WIDTH is the first block's channels, LATENT the latent channels."""
     from .models import SEEDED_LAYOUTS
 
     parts = spec.split(":")
