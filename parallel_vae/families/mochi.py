@@ -135,7 +135,7 @@ def mochi_treatment(name: str, m: nn.Module, parents: dict) -> Optional[Treatmen
     if cls is Attention:
         block = _grandparent(parents, m)
         if block is None or original_class(block) not in _ATTENTION_BLOCKS:
-            raise unknown_module(name, m, "attention outside a Mochi mid/down block (which feeds it one pixel's frames)")
+            raise unknown_module(name, m, "attention outside a Mochi mid/down block (which feeds it per-pixel frames)")
         if type(m.processor) is not MochiVaeAttnProcessor2_0:
             raise unknown_module(name, m, f"processor {type(m.processor).__name__} (only MochiVaeAttnProcessor2_0)")
         if m.is_cross_attention or m.added_kv_proj_dim is not None:
