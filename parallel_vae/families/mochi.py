@@ -32,9 +32,9 @@ Pipelines (``MochiPipeline``) decode ``latents * latents_std / scaling_factor + 
 k - 1 frames. For the stride-1 time kernels of every haloed conv that is the unsplit conv, wherever it splits. The
 down blocks' ``conv_in`` have stride 2 and 3 in time, where a k - 1 overlap shifts the stride grid of the later
 chunks; those convs run their own forward on this rank's rows, so they split when this rank's rows pass the limit,
-while the unmodified model splits when the whole frame does. The only real-size case: a 163-frame 848x480 encode,
-whose ``down_blocks.1.conv_in`` input (128 x 164 x 240 x 424) diffusers splits in two and a 2-rank shard does not;
-there the sharded result is the unsplit convolution's and diffusers' is shifted by a frame in the second half.
+while the unmodified model splits when the whole frame does. For example a 163-frame 848x480 encode: diffusers
+splits ``down_blocks.1.conv_in``'s input (128 x 164 x 240 x 424) in two and a 2-rank shard does not, so the sharded
+result is the unsplit convolution's and diffusers' pairs the frames of its second half one frame off.
 """
 
 from __future__ import annotations
