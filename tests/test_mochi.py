@@ -7,6 +7,8 @@
   and ``block_out``, 3/3/4/6/3 resnets, 6x temporal and 8x spatial compression, 12 latent channels) at the smallest
   width diffusers allows (32: its GroupNorms have 32 groups). 7 frames (1 + 6) give every attention block more than
   one frame and every down block's conv a real temporal stride.
+* The per-frame GroupNorm alone with 2 clips of 5 frames (diffusers normalizes them in chunks of 2 frames) on
+  uneven rows, exact in forward and backward; whole-clip statistics would fail it.
 * The classification refuses what it does not know; framewise encoding/decoding and bad input give one clear error,
   the same on every rank.
 
@@ -29,11 +31,15 @@ import functools
 
 import pytest
 import torch
+import torch.distributed as dist
 from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.autoencoders import autoencoder_kl_mochi as mochi
 
 import parallel_vae as pv
 from parallel_vae.core.plan import SpatialState, apply_plan
 from parallel_vae.families import adapter_for
+from parallel_vae.families.mochi import mochi_treatment
+from tests.cases import rel_err
 from tests.dist_harness import run_ranks, values
 from tests.family_cases import FCase, check, make_model, reference, run_case
 from tests.test_families import _bad_input_worker
@@ -100,6 +106,60 @@ def test_mochi_parity(case: FCase, record_property):
     # every rank's decoder computed its own rows only (8 pixel rows per latent row), never the whole height
     rows = [r["rows"] for r in results]
     assert rows == [[8 * s] for s in pv.row_split(case.latent_h, case.world)], rows
+
+
+def _frame_norm_inputs() -> tuple:
+    """``MochiChunkedGroupNorm3D`` (affine not 1 / 0, diffusers' chunks of 2 frames), 2 clips of 5 frames of 7 rows,
+    loss weights; float64, seeded."""
+    g = torch.Generator().manual_seed(0)
+    norm = mochi.MochiChunkedGroupNorm3D(64, chunk_size=2).double()
+    with torch.no_grad():
+        norm.norm_layer.weight.add_(torch.rand(64, generator=g, dtype=torch.float64))
+        norm.norm_layer.bias.add_(torch.rand(64, generator=g, dtype=torch.float64))
+    x = torch.randn(2, 64, 5, 7, 3, generator=g, dtype=torch.float64) * 3 + 1
+    return norm, x, torch.randn(x.shape, generator=g, dtype=torch.float64)
+
+
+def _frame_norm_worker(rank: int, world: int) -> dict:
+    """The per-frame norm on 7 rows split 4/3: this rank's output rows, input gradient and the group-summed affine
+    gradients."""
+    torch.set_num_threads(1)
+    norm, x, w = _frame_norm_inputs()
+    sharded = copy.deepcopy(norm)
+    # the Mochi table's treatment of a per-frame norm, as inside a model
+    apply_plan(sharded, [mochi_treatment("", sharded, {})], SpatialState(dist.group.WORLD, world, 1))
+    sizes = pv.row_split(x.shape[3], world)
+    start, rows = sum(sizes[:rank]), sizes[rank]
+    x_local = x[..., start : start + rows, :].clone().requires_grad_(True)
+    y = sharded(x_local)
+    (y * w[..., start : start + rows, :]).sum().backward()
+    grads = [p.grad.clone() for p in sharded.parameters()]
+    for g in grads:
+        dist.all_reduce(g)
+    return {"y": y.detach(), "x_grad": x_local.grad, "grads": grads, "rows": (start, rows)}
+
+
+def test_frame_group_norm_alone():
+    """Statistics per (clip, frame, group) over all ranks' rows, exact in forward and backward at 1e-10; and the
+    test can fail: statistics over the whole clip (GroupNorm of (C, T, H, W)) are far from diffusers' result."""
+    per_rank = values(run_ranks(_frame_norm_worker, 2, timeout=120))
+    norm, x, w = _frame_norm_inputs()
+    x.requires_grad_(True)
+    ref = norm(x)
+    (ref * w).sum().backward()
+    whole_clip = torch.nn.functional.group_norm(x, 32, norm.norm_layer.weight, norm.norm_layer.bias, 1e-5)
+    assert rel_err(whole_clip.detach(), ref.detach()) > 1e-3
+    for res in per_rank:
+        start, rows = res["rows"]
+        errs = {
+            "y": rel_err(res["y"], ref.detach()[..., start : start + rows, :]),
+            "x_grad": rel_err(res["x_grad"], x.grad[..., start : start + rows, :]),
+        }
+        for name, g in zip(("weight", "bias"), res["grads"]):
+            errs[name] = rel_err(g, getattr(norm.norm_layer, name).grad)
+        print(start, rows, {k: f"{v:.1e}" for k, v in errs.items()})
+        for k, e in errs.items():
+            assert e <= 1e-10, (k, e)
 
 
 def _model() -> torch.nn.Module:
