@@ -39,6 +39,7 @@ result is the unsplit convolution's and diffusers' pairs the frames of its secon
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -175,7 +176,7 @@ class MochiAdapter(FamilyAdapter):
         and depth-to-space factors actually built, which the shards' alignment relies on."""
         ratio = int(vae.spatial_compression_ratio)
         down, up = _row_strides(vae)
-        if any(s < 1 for s in down + up) or _product(down) != ratio or _product(up) != ratio:
+        if any(s < 1 for s in down + up) or math.prod(down) != ratio or math.prod(up) != ratio:
             raise ValueError(
                 f"spatial_compression_ratio {ratio} disagrees with the model's down-block row strides {down} and "
                 f"up-block row factors {up}; parallel_vae needs the ratio the layers implement"
@@ -220,13 +221,6 @@ class MochiAdapter(FamilyAdapter):
     def normalize(self, vae, z):
         mean, std = mean_std_normalization(vae, z)
         return (z - mean) * float(vae.config.scaling_factor) / std
-
-
-def _product(values: list[int]) -> int:
-    out = 1
-    for v in values:
-        out *= v
-    return out
 
 
 def _refuse_framewise(vae) -> None:
