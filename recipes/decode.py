@@ -2,9 +2,9 @@
 
     accelerate launch [--config_file accelerate_configs/X.yaml] recipes/decode.py [flags]
 
-Any supported family: Wan 2.1/2.2, Qwen-Image, HunyuanVideo, HunyuanVideo-1.5, LTX-Video, LTX-2 (videos) and
-AutoencoderKL (SD/SDXL/SD3/Flux.1), Flux.2 (images); the class comes from the model's config. Writes OUTPUT_DIR/video.mp4 for
-video VAEs, OUTPUT_DIR/image.png (+ contact_sheet.png for a batch) for image VAEs (main rank, atomically) and
+Any supported family: Wan 2.1/2.2, Qwen-Image, HunyuanVideo, HunyuanVideo-1.5, CogVideoX, LTX-Video, LTX-2, Mochi
+(videos) and AutoencoderKL (SD/SDXL/SD3/Flux.1), Flux.2, DC-AE (images); the class comes from the model's config.
+Writes OUTPUT_DIR/video.mp4 for video VAEs, OUTPUT_DIR/image.png (+ contact_sheet.png for a batch) for image VAEs (main rank, atomically) and
 OUTPUT_DIR/metrics.json. With no model flag it uses the built-in default model (parallel_vae/assets/default_vae/
 if present, else a seeded model of the real Wan2.1 layout at a small width); with no input flag, a built-in
 17-frame 64x96 demo clip is encoded and decoded (an image VAE round-trips 4 of its frames as a batch).
@@ -83,7 +83,7 @@ def build_parser() -> ArgumentParser:
         metavar="LAYOUT[:WIDTH[:LATENT]]",
         help="a seeded, untrained model of a family's real layout at a small width, for tests and benchmarks: "
         f"LAYOUT is one of {', '.join(SEEDED_LAYOUT_NAMES)} "
-        "(e.g. sd:32:4)",
+        "(e.g. sd:32:4; mochi widths are multiples of 32)",
     )
     m.add_argument(
         "--subfolder",
@@ -144,7 +144,7 @@ def build_parser() -> ArgumentParser:
         "--image",
         metavar="PATH",
         nargs="+",
-        help="image file(s) (png, jpg, ...) of one size to round-trip through an image VAE (AutoencoderKL, Flux.2) "
+        help="image file(s) (png, jpg, ...) of one size to round-trip through an image VAE (AutoencoderKL, Flux.2, DC-AE) "
         "as one batch; without it an image VAE round-trips 4 frames of the demo clip",
     )
 

@@ -108,6 +108,13 @@ def _groups(rank: int, case: FCase):
     return None
 
 
+def row_probe(vae) -> torch.nn.Module:
+    """The decoder layer whose output rows (dim -2 of its output, or of its first output) the tests count: the last
+    conv, or the last block where the decoder ends in a channels-last Linear (Mochi's ``proj_out``)."""
+    decoder = vae.decoder
+    return decoder.conv_out if hasattr(decoder, "conv_out") else decoder.block_out
+
+
 def run_case(rank: int, case: FCase):
     """One case on this rank: on each group's rank 0 the gathered results with parameter gradients summed over the
     spatial group; on every member, the rows its decoder's last conv computed."""
@@ -122,8 +129,8 @@ def run_case(rank: int, case: FCase):
     x, w = make_inputs(case, vae, dtype)
     x.requires_grad_(case.grads)
     seen_rows = []
-    # conv_out returns a tensor, or (tensor, conv cache) in CogVideoX
-    hook = vae.decoder.conv_out.register_forward_hook(
+    # the probe returns a tensor, or (tensor, conv cache) in CogVideoX
+    hook = row_probe(vae).register_forward_hook(
         lambda m, args, out: seen_rows.append((out[0] if isinstance(out, tuple) else out).shape[-2])
     )
     with torch.set_grad_enabled(case.grads):

@@ -71,6 +71,9 @@ def test_validate_clip_shape_names_nearest_valid_values():
         validate_clip_shape(16, 64, 64, 8)
     with pytest.raises(ValueError, match=r"frames=0 .*nearest valid: 1"):
         validate_clip_shape(0, 64, 64, 8)
+    validate_clip_shape(13, 64, 64, 8, temporal_factor=6)  # Mochi: 1 + 6k
+    with pytest.raises(ValueError, match=r"frames=9 is not 1 \+ 6k.*nearest valid: 7 or 13"):
+        validate_clip_shape(9, 64, 64, 8, temporal_factor=6)
     with pytest.raises(ValueError, match=r"height=72 .*spatial_factor=16.*nearest valid: 64 or 80"):
         validate_clip_shape(17, 72, 64, 16)
     with pytest.raises(ValueError, match=r"width=12 .*spatial_factor=16.*nearest valid: 16$"):

@@ -66,10 +66,10 @@ def test_family_parity(case: FCase, record_property):
         assert rows == [[s * per_latent_row] for s in sizes], rows
 
 
-def _bad_input_worker(rank, world, layout):
+def _bad_input_worker(rank, world, layout, width=8, latent=4):
     """Each bad call on every rank: the error type and message (must be one clear error, the same everywhere)."""
     torch.set_num_threads(1)
-    case = FCase(layout, "float32", world=world)
+    case = FCase(layout, "float32", world=world, width=width, latent=latent)
     vae = make_model(case, torch.float32)
     pv.enable_spatial_parallelism(vae)
     adapter = adapter_for(vae)

@@ -18,7 +18,7 @@ from parallel_vae.errors import InputError
 from parallel_vae.families import adapter_for
 from parallel_vae.jobs.decode_job import DEMO_IMAGE_FRAMES, DEMO_SHAPE
 from parallel_vae.jobs.loading import denormalize_latents, load_vae, normalize_latents, parse_seeded
-from parallel_vae.jobs.models import SEEDED_LAYOUTS, build_seeded_vae
+from parallel_vae.jobs.models import MOCHI_WIDTH_UNIT, SEEDED_LAYOUTS, build_seeded_vae
 from parallel_vae.jobs.video import demo_video
 from tests.launch import accelerate_launch, check_ok
 
@@ -26,7 +26,8 @@ F32_BAR = 1e-5
 
 
 def _seeded(layout: str, **kw):
-    return build_seeded_vae(layout, width=8, latent=kw.pop("latent", 4), seed=5, perturb=0.05, **kw)
+    width = MOCHI_WIDTH_UNIT if layout == "mochi" else 8  # Mochi's group count and head width are fixed at 32
+    return build_seeded_vae(layout, width=width, latent=kw.pop("latent", 4), seed=5, perturb=0.05, **kw)
 
 
 @pytest.mark.parametrize("layout", sorted(SEEDED_LAYOUTS))
@@ -96,12 +97,20 @@ def test_latent_normalization_per_family():
     torch.testing.assert_close(packed[0, k, y, x], expect)
     torch.testing.assert_close(denormalize_latents(packed, vae), z)
     assert isinstance(vae, AutoencoderKLFlux2)
+    # Mochi: MochiPipeline decodes latents * latents_std / scaling_factor + latents_mean (its real 12-channel stats)
+    vae = _seeded("mochi", latent=12)
+    vae.register_to_config(scaling_factor=0.5)  # the released 1.0 would hide a misplaced scale
+    z = torch.randn(1, 12, 2, 3, 4, generator=g)
+    mean = torch.tensor(vae.config.latents_mean).view(1, 12, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, 12, 1, 1, 1)
+    torch.testing.assert_close(denormalize_latents(z, vae), z * std / 0.5 + mean)
+    torch.testing.assert_close(normalize_latents(denormalize_latents(z, vae), vae), z)
 
 
 def test_parse_seeded():
     assert parse_seeded("sd:32:4") == {"layout": "sd", "width": 32, "latent": 4}
     assert parse_seeded("hunyuanvideo") == {"layout": "hunyuanvideo"}
-    for bad in ("nope:8", "sd:x", "sd:8:4:2", ":8"):
+    for bad in ("nope:8", "sd:x", "sd:8:4:2", ":8", "mochi:16"):
         with pytest.raises(InputError, match="--seeded"):
             parse_seeded(bad)
 

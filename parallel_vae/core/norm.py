@@ -36,8 +36,9 @@ def group_stats(xg: torch.Tensor) -> torch.Tensor:
     """(B, G, n) local elements -> (B, G, 3): count, mean, centred sum of squares (two passes, so no cancellation)."""
     xs = xg.to(_stat_dtype(xg.dtype))
     mean = xs.mean(-1)
-    # (B, G, n) - (B, G, 1): the centred second pass
-    m2 = (xs - mean.unsqueeze(-1)).square().sum(-1)
+    # (B, G, n) - (B, G, 1): the centred second pass, squared in place (one temporary of the input's size, not two:
+    # it was the peak of the whole decode for Mochi, whose per-frame norms see every frame at once)
+    m2 = (xs - mean.unsqueeze(-1)).square_().sum(-1)
     count = torch.full_like(mean, float(xg.shape[-1]))
     return torch.stack([count, mean, m2], -1)
 

@@ -40,9 +40,7 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 # The --seeded layouts (parallel_vae.jobs.models.SEEDED_LAYOUTS builds them).
 SEEDED_LAYOUT_NAMES = (
     "wan2.1", "wan2.2", "sd", "sdxl", "sd3", "flux1", "flux2", "qwenimage", "hunyuanvideo", "hunyuanvideo15",
-    "cogvideox",
-    "dcae",
-    "ltxvideo", "ltx2",
+    "cogvideox", "ltxvideo", "ltx2", "mochi", "dcae",
 )  # fmt: skip
 
 
@@ -166,7 +164,11 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
         "of videos / image-sequence folders (default: %(default)s)",
     )
     d.add_argument("--val_data", default="synthetic:4", help="held-out clips, same forms as --data (default: %(default)s)")
-    d.add_argument("--frames", type=int, default=9, help="frames per clip, 1 + 4k (default: %(default)s)")
+    d.add_argument(
+        "--frames", type=int, default=9,
+        help="frames per clip, 1 + k x the VAE's temporal factor: 1 + 4k (Wan, HunyuanVideo...), 1 + 6k (Mochi) "
+        "(default: %(default)s)",
+    )
     d.add_argument("--height", type=int, default=64, help="clip height, a multiple of the spatial factor (default: %(default)s)")
     d.add_argument("--width", type=int, default=64, help="clip width, a multiple of the spatial factor (default: %(default)s)")
 

@@ -1,8 +1,8 @@
 """Datasets of video clips for fine-tuning: every item a float32 (3, T, H, W) tensor in [-1, 1].
 
-Wan's VAE encodes the first frame alone and then chunks of 4, so ``T = 1 + 4k``; its spatial downsampling needs
-``H`` and ``W`` to be multiples of ``spatial_factor`` (8 for Wan2.1, 16 for Wan2.2). :func:`validate_clip_shape`
-checks both and names the nearest valid values.
+Wan's VAE encodes the first frame alone and then chunks of 4, so ``T = 1 + 4k`` (``temporal_factor``, 6 for
+Mochi); its spatial downsampling needs ``H`` and ``W`` to be multiples of ``spatial_factor`` (8 for Wan2.1, 16 for
+Wan2.2). :func:`validate_clip_shape` checks both and names the nearest valid values.
 
 * :class:`SyntheticVideoDataset`: procedural, seeded clips (moving shapes over textured, possibly panning
   backgrounds), the built-in training data that needs no files.
@@ -76,15 +76,18 @@ def _nearest(below: int, step: int) -> str:
     return f"{below} or {below + step}" if below > 0 else f"{below + step}"
 
 
-def validate_clip_shape(frames: int, height: int, width: int, spatial_factor: int) -> None:
-    """Raise :class:`~parallel_vae.errors.InputError` (a ``ValueError``) unless ``frames = 1 + 4k`` and ``height``,
-    ``width`` are positive multiples of ``spatial_factor``; the message names the nearest valid values."""
+def validate_clip_shape(frames: int, height: int, width: int, spatial_factor: int, temporal_factor: int = 4) -> None:
+    """Raise :class:`~parallel_vae.errors.InputError` (a ``ValueError``) unless ``frames = 1 + k temporal_factor``
+    and ``height``, ``width`` are positive multiples of ``spatial_factor``; the message names the nearest valid
+    values."""
     if not isinstance(spatial_factor, int) or spatial_factor < 1:
         raise InputError(f"spatial_factor must be a positive integer, got {spatial_factor!r}")
-    if not isinstance(frames, int) or frames < 1 or (frames - 1) % 4:
-        hint = _nearest(frames - (frames - 1) % 4, 4) if isinstance(frames, int) and frames >= 1 else "1, 5, 9, ..."
+    tf = temporal_factor
+    if not isinstance(frames, int) or frames < 1 or (frames - 1) % tf:
+        first = ", ".join(str(1 + i * tf) for i in range(3))
+        hint = _nearest(frames - (frames - 1) % tf, tf) if isinstance(frames, int) and frames >= 1 else f"{first}, ..."
         raise InputError(
-            f"frames={frames!r} is not 1 + 4k (Wan encodes the first frame alone, then chunks of 4); "
+            f"frames={frames!r} is not 1 + {tf}k (the VAE encodes the first frame alone, then chunks of {tf}); "
             f"nearest valid: {hint}"
         )
     for name, size in (("height", height), ("width", width)):
@@ -266,12 +269,12 @@ class SyntheticVideoDataset(Dataset):
     model's ``spatial_factor``.
     """
 
-    def __init__(self, num_clips: int, frames: int, height: int, width: int, seed: int = 0):
+    def __init__(self, num_clips: int, frames: int, height: int, width: int, seed: int = 0, temporal_factor: int = 4):
         if not isinstance(num_clips, int) or num_clips < 1:
             raise InputError(f"num_clips must be a positive integer, got {num_clips!r}")
         if not isinstance(seed, int) or seed < 0:
             raise InputError(f"seed must be a non-negative integer, got {seed!r}")
-        validate_clip_shape(frames, height, width, spatial_factor=1)
+        validate_clip_shape(frames, height, width, spatial_factor=1, temporal_factor=temporal_factor)
         self.num_clips, self.frames, self.height, self.width, self.seed = num_clips, frames, height, width, seed
         self.epoch = 0
 
@@ -414,8 +417,9 @@ class VideoFolderDataset(Dataset):
         frame_stride: int = 1,
         short_clips: str = "skip",
         probe_workers: int = 8,
+        temporal_factor: int = 4,
     ):
-        validate_clip_shape(frames, height, width, spatial_factor)
+        validate_clip_shape(frames, height, width, spatial_factor, temporal_factor)
         if not isinstance(seed, int) or seed < 0:
             raise InputError(f"seed must be a non-negative integer, got {seed!r}")
         if not isinstance(frame_stride, int) or frame_stride < 1:
@@ -538,7 +542,14 @@ def _summarize(skipped: dict[str, str], limit: int = 5) -> str:
 
 
 def make_dataset(
-    spec: str, frames: int, height: int, width: int, spatial_factor: int, seed: int = 0, **folder_options
+    spec: str,
+    frames: int,
+    height: int,
+    width: int,
+    spatial_factor: int,
+    seed: int = 0,
+    temporal_factor: int = 4,
+    **folder_options,
 ) -> Dataset:
     """``"synthetic"`` (:data:`DEFAULT_SYNTHETIC_CLIPS` clips), ``"synthetic:N"`` (N clips) or a folder path ->
     :class:`SyntheticVideoDataset` / :class:`VideoFolderDataset` of (3, frames, height, width) clips.
@@ -547,7 +558,7 @@ def make_dataset(
     ``folder_options`` (``random_offset``, ``random_crop``, ``frame_stride``, ``short_clips``, ...) go to
     :class:`VideoFolderDataset`. A folder actually named ``synthetic`` is reached as ``./synthetic``.
     """
-    validate_clip_shape(frames, height, width, spatial_factor)
+    validate_clip_shape(frames, height, width, spatial_factor, temporal_factor)
     if spec == "synthetic" or spec.startswith("synthetic:"):
         if folder_options:
             raise InputError(f"options {sorted(folder_options)} apply to folder datasets, not {spec!r}")
@@ -555,9 +566,11 @@ def make_dataset(
         if count and not (count.isdigit() and int(count) > 0):
             raise InputError(f"dataset {spec!r}: expected 'synthetic:N' with N a positive integer")
         num_clips = int(count) if count else DEFAULT_SYNTHETIC_CLIPS
-        return SyntheticVideoDataset(num_clips, frames, height, width, seed=seed)
+        return SyntheticVideoDataset(num_clips, frames, height, width, seed=seed, temporal_factor=temporal_factor)
     if os.path.isdir(spec):
-        return VideoFolderDataset(spec, frames, height, width, spatial_factor, seed=seed, **folder_options)
+        return VideoFolderDataset(
+            spec, frames, height, width, spatial_factor, seed=seed, temporal_factor=temporal_factor, **folder_options
+        )
     raise InputError(f"dataset {spec!r} is neither 'synthetic', 'synthetic:N' nor an existing folder")
 
 

@@ -199,7 +199,10 @@ def _load_model(args, dtype: torch.dtype):
         elif args.seeded_init != "pytorch":
             raise UsageError(f"--seeded_init {args.seeded_init} is for Wan layouts only")
         else:
-            vae = build_seeded_vae(layout, width=base, latent=z, seed=args.seed, dtype=dtype)
+            try:
+                vae = build_seeded_vae(layout, width=base, latent=z, seed=args.seed, dtype=dtype)
+            except ValueError as e:  # a width the layout cannot take (Mochi: multiples of 32)
+                raise UsageError(f"--seeded {args.seeded!r}: {e}") from None
         source = {"kind": "seeded", "layout": layout, "base_dim": base, "z_dim": z, "seed": args.seed,
                   "init": args.seeded_init}  # fmt: skip
     else:
@@ -221,11 +224,8 @@ def _check_args(args, world: int) -> None:
     if args.sp_degree < 1 or world % args.sp_degree:
         divisors = [d for d in range(1, world + 1) if world % d == 0]
         raise UsageError(f"--sp_degree {args.sp_degree} does not divide the world size {world}; use one of {divisors}")
-    if args.frames < 1 or (args.frames - 1) % 4:
-        lo = 1 + 4 * ((max(args.frames, 1) - 1) // 4)
-        raise UsageError(
-            f"--frames must be 1 + 4k (the video VAEs' temporal chunks), got {args.frames}; e.g. {lo} or {lo + 4}"
-        )
+    if args.frames < 1:
+        raise UsageError(f"--frames must be positive, got {args.frames}")
     if args.max_steps < 0:
         raise UsageError("--max_steps must be >= 0 (0: validate and export the starting model only)")
     if args.batch_size < 1:
@@ -236,11 +236,14 @@ def _check_args(args, world: int) -> None:
         raise UsageError("--resume continues the run in --output_dir and --overwrite deletes it: give one of them")
 
 
-def _make_data(spec: str, args, factor: int, seed: int):
+def _make_data(spec: str, args, factor: int, seed: int, temporal: int):
     from .data import make_dataset
 
     try:
-        return make_dataset(spec, frames=args.frames, height=args.height, width=args.width, spatial_factor=factor, seed=seed)
+        return make_dataset(
+            spec, frames=args.frames, height=args.height, width=args.width, spatial_factor=factor, seed=seed,
+            temporal_factor=temporal,
+        )
     except (ValueError, FileNotFoundError) as e:
         raise InputError(str(e)) from e
 
@@ -304,7 +307,17 @@ def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
         if adapter.video and args.frames == 1 and adapter.name != "wan":
             # Only Wan's single-frame path is known to leave exactly its temporal resampling convs unused (frozen
             # below); for other video families DDP would wait for gradients that never come.
-            raise UsageError(f"--frames 1 (single-frame training) is supported for Wan layouts; {adapter.name} needs >= 5")
+            raise UsageError(
+                f"--frames 1 (single-frame training) is supported for Wan layouts; {adapter.name} needs "
+                f">= {1 + adapter.temporal_factor(vae)}"
+            )
+        if adapter.video and adapter.usable_frames(vae, args.frames) != args.frames:
+            # A causal video VAE reconstructs 1 + k x (temporal factor) frames: the rest would not match the clip.
+            tf, lo = adapter.temporal_factor(vae), adapter.usable_frames(vae, args.frames)
+            raise UsageError(
+                f"--frames must be 1 + {tf}k ({adapter.name}'s temporal chunks), got {args.frames}; "
+                f"e.g. {lo} or {lo + tf}"
+            )
         factor = spatial_factor(vae)
         for name in ("height", "width"):
             size = getattr(args, name)
@@ -321,8 +334,9 @@ def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
                 f"--sp_degree {args.sp_degree}: use --height >= {args.sp_degree * least * factor} or a smaller "
                 "--sp_degree"
             )
-        train_data = _make_data(args.data, args, factor, args.seed)
-        val_data = _make_data(args.val_data, args, factor, args.seed + VALIDATION_SEED_OFFSET)
+        temporal = adapter.temporal_factor(vae) or 1  # image VAEs train on single frames
+        train_data = _make_data(args.data, args, factor, args.seed, temporal)
+        val_data = _make_data(args.val_data, args, factor, args.seed + VALIDATION_SEED_OFFSET, temporal)
         dp = rt.world_size // args.sp_degree
         if dp * args.batch_size > len(train_data):
             raise InputError(
@@ -366,8 +380,9 @@ def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
         enable_gradient_checkpointing(vae)
     train_encoder = args.train == "all"
     if not train_encoder:
-        quant_conv = getattr(vae, "quant_conv", None)  # DC-AE has none
-        for p in list(vae.encoder.parameters()) + (list(quant_conv.parameters()) if quant_conv is not None else []):
+        # the encoder and its quant conv (HunyuanVideo-1.5, Mochi and DC-AE have none: the encoder emits the moments)
+        quant = getattr(vae, "quant_conv", None)
+        for p in list(vae.encoder.parameters()) + (list(quant.parameters()) if quant is not None else []):
             p.requires_grad_(False)
     if args.frames == 1 and adapter.video:
         # Single frames never reach the temporal resampling convolutions (Wan resamples time only from the second

@@ -41,7 +41,7 @@ from diffusers.utils import logging as diffusers_logging
 
 from ..errors import InputError
 from ..families import FAMILIES, adapter_for, latent_channels, spatial_factor
-from .models import build_seeded_vae, build_wan_vae, wan_config
+from .models import build_seeded_vae, build_wan_vae, seeded_config, wan_config
 
 __all__ = [
     "DEFAULT_VAE_DIR",
@@ -217,6 +217,10 @@ def parse_seeded(spec: str) -> dict:
         if not text.isdigit() or int(text) < 1:
             raise InputError(f"--seeded {spec!r}: {key} must be a positive integer, got {text!r}")
         out[key] = int(text)
+    try:
+        seeded_config(out["layout"], out.get("width"), out.get("latent"))  # e.g. a Mochi width not a multiple of 32
+    except ValueError as e:
+        raise InputError(f"--seeded {spec!r}: {e}") from None
     return out
 
 

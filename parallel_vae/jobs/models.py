@@ -299,7 +299,18 @@ SEEDED_LAYOUTS = {
              encoder_spatial_padding_mode="zeros", decoder_spatial_padding_mode="reflect",
              spatial_compression_ratio=32, temporal_compression_ratio=8),
     ),
+    # Mochi-1 (genmo/mochi-1-preview vae/config.json; its latents_mean / latents_std are diffusers' defaults). The
+    # encoder's 15 input channels are 3 pixel channels plus their Fourier features.
+    "mochi": (
+        "AutoencoderKLMochi",
+        dict(in_channels=15, out_channels=3, encoder_block_out_channels=[64, 128, 256, 384],
+             decoder_block_out_channels=[128, 256, 512, 768], latent_channels=12, layers_per_block=[3, 3, 4, 6, 3],
+             act_fn="silu", temporal_expansions=[1, 2, 3], spatial_expansions=[2, 2, 2],
+             add_attention_block=[False, True, True, True, True], scaling_factor=1.0),
+    ),
 }  # fmt: skip
+# Mochi's per-frame GroupNorms have 32 groups and its attention heads are 32 channels wide, both fixed in diffusers.
+MOCHI_WIDTH_UNIT = 32
 
 
 def seeded_config(
@@ -311,8 +322,9 @@ def seeded_config(
 
     ``width`` replaces the first block's channels; the others keep the real ratios. Families with GroupNorm keep
     the real group count where the width allows, else halve it until every group has at least 2 channels of the
-    first block, so statistics still span several channels. Latent statistics of a changed latent width become
-    identity (zeros / ones) of the right length.
+    first block, so statistics still span several channels. Mochi: ``width`` is the first block of the encoder and
+    of the decoder, a multiple of 32 (its group count and head width are fixed). Latent statistics of a
+    changed latent width become identity (zeros / ones) of the right length.
     """
     if layout not in SEEDED_LAYOUTS:
         raise ValueError(f"unknown seeded layout {layout!r}; choose one of {sorted(SEEDED_LAYOUTS)}")
@@ -329,6 +341,8 @@ def seeded_config(
             # At least one head in the narrowest attention level (the real head dim where the width allows).
             attn = [c for c, t in zip(cfg["encoder_block_out_channels"], cfg["encoder_block_types"]) if t != "ResBlock"]
             cfg["attention_head_dim"] = min(cfg["attention_head_dim"], min(attn, default=cfg["attention_head_dim"]))
+        elif cls_name == "AutoencoderKLMochi":
+            cfg.update(_mochi_widths(cfg, width))
         else:
             ratios = [c // cfg["block_out_channels"][0] for c in cfg["block_out_channels"]]
             if "decoder_block_out_channels" in cfg:  # LTX: its own decoder widths, in the same ratio
@@ -342,11 +356,27 @@ def seeded_config(
                 cfg["norm_num_groups"] = max(groups, 1)
     if latent is not None:
         key = "z_dim" if "z_dim" in cfg else "latent_channels"
-        if latent != cfg[key] and cls_name == "AutoencoderKLQwenImage":
+        if latent != cfg[key] and cls_name in ("AutoencoderKLQwenImage", "AutoencoderKLMochi"):
             cfg["latents_mean"], cfg["latents_std"] = [0.0] * latent, [1.0] * latent
         cfg[key] = latent
     cfg.update(overrides or {})
     return cls_name, cfg
+
+
+def _mochi_widths(cfg: dict, width: int) -> dict:
+    """Mochi's encoder and decoder channels with the first block of each at ``width`` and the real ratios within each
+    stack (1 : 2 : 4 : 6). The real decoder is twice as wide as the encoder; a seeded one is not, because ``width``
+    cannot go below 32 (``MOCHI_WIDTH_UNIT``: diffusers fixes its GroupNorms at 32 groups and its attention heads at
+    32 channels), and a decoder at 64 would quadruple the smallest model's decoder (23 M -> 91 M parameters)."""
+    if width % MOCHI_WIDTH_UNIT:
+        raise ValueError(
+            f"a Mochi width must be a multiple of {MOCHI_WIDTH_UNIT} (its GroupNorms have 32 groups and its attention "
+            f"heads are 32 channels, fixed in diffusers), got {width}"
+        )
+    return {
+        key: [c * width // cfg[key][0] for c in cfg[key]]
+        for key in ("encoder_block_out_channels", "decoder_block_out_channels")
+    }
 
 
 def build_seeded_vae(
