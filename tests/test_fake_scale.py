@@ -19,8 +19,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from parallel_vae.jobs.fake_run import distinct_ranks, measure_rank
-from parallel_vae.jobs.models import seeded_config
+from parallel_vae.jobs.fake_run import decode_flops_per_rank, distinct_ranks, measure_rank
+from parallel_vae.jobs.models import build_seeded_vae, seeded_config
 from tests.dist_harness import run_ranks, values
 
 # Seeded Wan2.1 layout at width 8: 2 latent frames of 4x4 latents (5 frames of 32x32 pixels). float32, so the real
@@ -96,3 +96,18 @@ def test_distinct_ranks():
     assert distinct_ranks(90, 8) == {0: [0], 1: [1], 2: [2, 3, 4, 5, 6], 7: [7]}
     assert distinct_ranks(4, 2) == {0: [0], 1: [1]}
     assert distinct_ranks(6, 3) == {0: [0], 1: [1], 2: [2]}
+
+
+def test_decode_flops_per_rank():
+    """``--parallel auto``'s count: two latent frames extrapolated equal the count of all frames for a framewise
+    decoder (Wan), the busiest rank's rows are ceil(h / world), and a wider model has more work per rank at the
+    same latent shape (so it shards at smaller sizes)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    narrow = build_seeded_vae(LAYOUT, width=8)
+    shape = (1, 16, 4, 5, 3)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        narrow.decode(torch.zeros(1, 16, 4, 3, 3))  # ceil(5 / 2) = 3 rows, all 4 frames, really computed
+    assert decode_flops_per_rank(narrow, shape, 2) == fc.get_total_flops()
+    wide = build_seeded_vae(LAYOUT, width=16)
+    assert decode_flops_per_rank(wide, shape, 2) > 3 * decode_flops_per_rank(narrow, shape, 2)

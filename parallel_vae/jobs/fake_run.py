@@ -46,6 +46,7 @@ __all__ = [
     "Measurement",
     "distinct_ranks",
     "measure_rank",
+    "decode_flops_per_rank",
 ]
 
 
@@ -351,3 +352,46 @@ def measure_rank(cls_name: str, config: dict, op: str, frames: Optional[int], he
     out = m.as_dict()
     out.update(params=sum(p.numel() for p in vae.parameters()), latent_rows=rows)
     return out
+
+
+def decode_flops_per_rank(vae: nn.Module, latent_shape: tuple, world: int) -> float:
+    """FLOPs of the busiest rank's share of decoding latents of ``latent_shape`` ((B, C, [T,] h, w)) over ``world``
+    ranks: what ``--parallel auto`` weighs, since a wide model pays for sharding at fewer latent elements.
+
+    Counted on fake tensors (no compute, well under a second): a model of ``vae``'s class and config decodes the
+    largest shard's ``ceil(h / world)`` rows with the unmodified path (halos add a few % at real sizes, which the
+    decision can ignore). Video families run at most two latent frames and extrapolate linearly: framewise decoders
+    (Wan, Qwen-Image) spend the same on every frame after the first; for whole-clip decoders the attention grows
+    faster than that, so the count is a lower bound there. Deterministic, so every rank decides the same."""
+    import math
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ..families import adapter_for
+
+    adapter = adapter_for(vae)
+    rows = math.ceil(latent_shape[-2] / world)
+    frames = latent_shape[2] if adapter.video else 1
+    run_frames = min(frames, 2)
+    dtype = next(vae.parameters()).dtype
+    counts = []
+    with FakeTensorMode():
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype if dtype.is_floating_point else previous)
+        try:
+            model = type(vae).from_config(vae.config).eval()
+        finally:
+            torch.set_default_dtype(previous)
+        for t in sorted({1, run_frames}):
+            shape = list(latent_shape)
+            shape[-2] = rows
+            if adapter.video:
+                shape[2] = t
+            z = torch.empty(shape, dtype=dtype)
+            with torch.no_grad(), FlopCounterMode(display=False) as fc:
+                adapter.decode_local(model, z)
+            counts.append(fc.get_total_flops())
+    first = counts[0]
+    per_frame = counts[-1] - first if len(counts) > 1 else 0
+    return float(first + per_frame * (frames - 1))
