@@ -550,6 +550,82 @@ def _run_projection(job: Job, worlds: list[int], timeout: float) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# the machine's parallel ceiling: N shards at once, no communication
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _ceiling_main(job: Job, rank: int, barrier, out_path: str) -> None:
+    try:
+        res = _ceiling_body(job, rank, barrier)
+    except BaseException as e:
+        res = {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"}
+        with contextlib.suppress(Exception):
+            barrier.abort()
+    with open(out_path, "wb") as f:
+        pickle.dump(res, f)
+
+
+def _ceiling_body(job: Job, rank: int, barrier) -> dict:
+    """Rank ``rank``'s shard of the sharded run, computed by parallel_vae's own layers with its halos fed locally
+    (``_simulated_group``: zeros for received rows, this rank's rows for gathers) and no communication, while the
+    other ranks' processes do the same at the same moment. What is left is the machine: cores, memory bandwidth,
+    caches shared by N processes."""
+    import parallel_vae as pv
+    from parallel_vae.core.plan import SpatialState, apply_plan
+    from parallel_vae.core.sharding import row_offsets, row_split
+    from parallel_vae.families import adapter_for, plan_for
+
+    torch.set_num_threads(job.threads)
+    device = torch.device("cpu")
+    vae = _model(job, device)
+    full = _inputs(job, vae)
+    f = pv.spatial_factor(vae)
+    in_unit = 1 if job.op == "decode" else f
+    sizes = row_split(job.latent_hw[0], job.world)
+    x = full.narrow(-2, row_offsets(sizes)[rank] * in_unit, sizes[rank] * in_unit).contiguous()
+    del full
+    adapter = adapter_for(vae)
+    apply_plan(vae, plan_for(vae), SpatialState(None, job.world, f, adapter))
+
+    def run():
+        return adapter.decode_local(vae, x) if job.op == "decode" else adapter.encode_local(vae, x)
+
+    walls = []
+    with _simulated_group(job.world, rank), torch.no_grad():
+        run()  # warm-up
+        for _ in range(max(1, job.repeats)):
+            barrier.wait()
+            t0 = time.perf_counter()
+            run()
+            walls.append(time.perf_counter() - t0)
+    return {"walls": walls}
+
+
+def _run_ceiling(job: Job, timeout: float) -> dict:
+    """Wall time of the slowest of ``job.world`` concurrent no-communication shard runs (best repeat)."""
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(job.world)
+    with tempfile.TemporaryDirectory(prefix="bench_vae_ceiling_") as tmpdir:
+        paths = [os.path.join(tmpdir, f"rank{r}.pkl") for r in range(job.world)]
+        procs = [ctx.Process(target=_ceiling_main, args=(job, r, barrier, paths[r])) for r in range(job.world)]
+        from parallel_vae.jobs._spawn import run_with_deadline
+
+        hung = run_with_deadline(procs, timeout)
+        if hung:
+            raise TimeoutError(f"ceiling of {job.op} N={job.world}: ranks {hung} did not finish in {timeout:.0f}s")
+        results = []
+        for path in paths:
+            with open(path, "rb") as f:
+                results.append(pickle.load(f))
+    errors = [r["error"] for r in results if "error" in r]
+    if errors:
+        raise RuntimeError(f"ceiling of {job.op} N={job.world} failed:\n{errors[0]}")
+    # Repeat i ran on every rank at once (barrier); its wall is the slowest rank's.
+    per_repeat = [max(r["walls"][i] for r in results) for i in range(len(results[0]["walls"]))]
+    return {"wall_s": min(per_repeat), "walls": per_repeat, "per_rank": [min(r["walls"]) for r in results]}
+
+
+# --------------------------------------------------------------------------------------------------------------
 # report
 # --------------------------------------------------------------------------------------------------------------
 
@@ -789,6 +865,13 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--tf32", action="store_true", help="allow TF32 on GPU (off by default: exactness is checked)")
     p.add_argument("--projection", default="auto", choices=["auto", "on", "off"], help="auto: on with CUDA")
     p.add_argument("--proj_worlds", default="1,2,4,8")
+    p.add_argument(
+        "--ceiling",
+        default="on",
+        choices=["on", "off"],
+        help="also time the machine's parallel ceiling on CPU: N processes at once, each computing one rank's\n"
+        "shard with its halos fed locally and no communication (every timed N that has a core per rank)",
+    )
     p.add_argument("--proj_bw_gbs", type=float, default=100.0, help="link bandwidth (GB/s) assumed by the projection")
     p.add_argument("--proj_latency_us", type=float, default=20.0, help="latency per exchange assumed (us)")
     p.add_argument("--seed", type=int, default=0)
@@ -850,8 +933,18 @@ def main(argv=None) -> dict:
                 tag = " (oversubscribed: memory and counts only)" if over else ""
                 print(f"[{time.monotonic() - started:6.1f}s] {op}: parallel {mode} N={n}{tag} ...", flush=True)
                 ranks = _launch(job, args.timeout)
-                summaries.append(_summarize(job, ranks, base, over, load))
+                summary = _summarize(job, ranks, base, over, load)
                 raw[f"{op}/{mode}/{n}"] = ranks
+                if args.ceiling == "on" and device == "cpu" and mode == "sharded" and n > 1 and not over:
+                    print(f"[{time.monotonic() - started:6.1f}s] {op}: ceiling N={n} (no communication) ...", flush=True)
+                    ceiling = _run_ceiling(job, args.timeout)
+                    summary["ceiling_wall_s"] = ceiling["wall_s"]
+                    summary["ceiling_walls"] = ceiling["walls"]
+                    if summary["wall_s"]:
+                        summary["efficiency_vs_linear"] = base["wall_s"] / (n * summary["wall_s"])
+                        summary["efficiency_vs_ceiling"] = ceiling["wall_s"] / summary["wall_s"]
+                        summary["ceiling_efficiency_vs_linear"] = base["wall_s"] / (n * ceiling["wall_s"])
+                summaries.append(summary)
     projections = {}
     run_proj = args.projection == "on" or (args.projection == "auto" and device == "cuda")
     if run_proj:
@@ -892,6 +985,19 @@ def main(argv=None) -> dict:
         "metadata); rel err = max |parallel - diffusers| / max |diffusers|. 'oversub.': more ranks than cores,\n"
         "speed not reported."
     )
+    ceilings = [s for s in summaries if s.get("ceiling_wall_s") is not None]
+    if ceilings:
+        print()
+        print(f"== the machine's parallel ceiling ({machine['cpu']}, {cores} cores): N processes at once, each "
+              "computing one\n   rank's shard with its halos fed locally (parallel_vae's layers, no communication) ==")
+        rows = [[s["op"], s["world"], _fmt(s["wall_s"], ".2f"), _fmt(s["ceiling_wall_s"], ".2f"),
+                 _fmt(s.get("efficiency_vs_linear"), ".3f"), _fmt(s.get("ceiling_efficiency_vs_linear"), ".3f"),
+                 _fmt(s.get("efficiency_vs_ceiling"), ".3f")] for s in ceilings]
+        print(_table(["op", "N", "sharded wall s", "ceiling wall s", "eff vs T1/N", "ceiling vs T1/N",
+                      "eff vs ceiling"], rows))
+        print("eff vs T1/N = diffusers wall / (N x sharded wall); ceiling vs T1/N = the same for the no-communication\n"
+              "shards: what the machine allows; eff vs ceiling = ceiling wall / sharded wall: what communication and\n"
+              "waiting cost on top.")
     proj_out = {}
     if projections:
         print()
@@ -949,7 +1055,8 @@ def _log_wandb(args, report: dict) -> None:
             max(s["sent_bytes_per_rank"]) / 2**20, s.get("rel_err"),
         )
         key = f"{s['op']}/{s['mode']}/N{s['world']}"
-        metrics = ("wall_s", "speedup", "work_efficiency", "flop_efficiency", "memory_ratio", "rel_err")
+        metrics = ("wall_s", "speedup", "work_efficiency", "flop_efficiency", "memory_ratio", "rel_err",
+                   "ceiling_wall_s", "efficiency_vs_linear", "efficiency_vs_ceiling")
         run.summary.update({f"{key}/{k}": s.get(k) for k in metrics})
     run.log({"results": table})
     for op, proj in report["projection"].items():
