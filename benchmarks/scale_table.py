@@ -432,6 +432,9 @@ def _parse(argv=None):
     p.add_argument("--bw_gbs", type=float, default=100.0, help="custom link bandwidth, GB/s (default: %(default)s)")
     p.add_argument("--latency_us", type=float, default=20.0, help="custom per-exchange latency, us (default: %(default)s)")
     p.add_argument("--tflops", type=float, default=None, help="also project at this compute throughput (TFLOP/s)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="run nothing: print the tables of earlier runs' JSON files together (e.g. sections run\n"
+                        "separately); the CPU throughput is the first file's")
     p.add_argument("--json", default=os.path.join("outputs", "scale_table.json"))
     p.add_argument("--report_to", default="none", choices=["none", "wandb"])
     p.add_argument("--wandb_project", default="parallel_vae-scale")
@@ -443,6 +446,8 @@ def main(argv=None) -> dict:
     args = _parse(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     started = time.monotonic()
+    if args.merge:
+        return _merge(args)
     tasks = _tasks(args)
     # Longest first, so the pool's last minutes are not one long task alone.
     order = {"train": 0, "headline": 1, "moonshot": 1, "families": 2}
@@ -473,6 +478,29 @@ def main(argv=None) -> dict:
             json.dump(out, f, indent=1, default=str)
     if args.report_to == "wandb":
         _log_wandb(args, out)
+    return out
+
+
+def _merge(args) -> dict:
+    results, cpu, seen = [], None, set()
+    for path in args.merge:
+        with open(path) as f:
+            data = json.load(f)
+        cpu = cpu or data["cpu_throughput"]
+        for item in data["ranks"]:
+            task = Task(**item["task"])
+            key = (task.section, task.label, task.op, task.world, task.rank, task.checkpointing, task.dtype)
+            if key not in seen:  # the same rank in two files (e.g. N=1 of two headline runs) counts once
+                seen.add(key)
+                results.append((task, item["result"]))
+    print(f"measured on fake tensors, not GPUs: merged from {', '.join(args.merge)}")
+    summary = report(results, cpu, args)
+    out = {"args": vars(args), "cpu_throughput": cpu, "reference": REFERENCE, "links": LINKS, "summary": summary,
+           "ranks": [dict(task=asdict(t), result=r) for t, r in results]}
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1, default=str)
     return out
 
 
