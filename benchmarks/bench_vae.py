@@ -40,7 +40,6 @@ import sys
 import tempfile
 import time
 import traceback
-import weakref
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -62,82 +61,10 @@ _TOLERANCE = {"float32": 1e-5, "float64": 1e-10}
 # --------------------------------------------------------------------------------------------------------------
 
 
-class LiveTensorBytes:
-    """Peak bytes of tensor storages allocated inside the ``with`` block and alive at the same time.
-
-    A ``TorchDispatchMode`` sees every op's outputs; an output whose storage is not one of the op's inputs' is a
-    new allocation, counted until a ``weakref.finalize`` on the storage reports it freed (storages keep their
-    Python object alive while C++ holds them, so the finalizer fires when the memory is released). Tensors that
-    existed before the block (weights, inputs) are not counted. This is the CPU counterpart of CUDA's
-    ``max_memory_allocated``, without the allocator's caching and oneDNN's weight re-layouts that blur RSS;
-    scratch buffers an op allocates and frees internally are not seen.
-    """
-
-    def __init__(self) -> None:
-        self.current = 0
-        self.peak = 0
-        self.peak_op = ""
-        self.allocations = 0
-        self._live: dict[int, int] = {}
-        self._mode = None
-
-    def _free(self, key: int) -> None:
-        self.current -= self._live.pop(key, 0)
-
-    def _track(self, t: torch.Tensor, inputs: set, func) -> None:
-        try:
-            storage = t.untyped_storage()
-        except (RuntimeError, NotImplementedError):  # opaque tensors (e.g. mkldnn) have no storage
-            return
-        nbytes, key = storage.nbytes(), storage.data_ptr()
-        if nbytes == 0 or key in inputs or key in self._live:
-            return
-        self._live[key] = nbytes
-        self.current += nbytes
-        self.allocations += 1
-        weakref.finalize(storage, self._free, key)
-        if self.current > self.peak:
-            self.peak, self.peak_op = self.current, str(func)
-
-    def __enter__(self) -> "LiveTensorBytes":
-        from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils._pytree import tree_flatten
-
-        tracker = self
-
-        class _Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                inputs = set()
-                for a in tree_flatten((args, kwargs))[0]:
-                    if isinstance(a, torch.Tensor):
-                        with contextlib.suppress(RuntimeError, NotImplementedError):
-                            inputs.add(a.untyped_storage().data_ptr())
-                for t in tree_flatten(out)[0]:
-                    if isinstance(t, torch.Tensor):
-                        tracker._track(t, inputs, func)
-                return out
-
-        self._mode = _Mode()
-        self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._mode.__exit__(*exc)
-
-
-def _register_onednn_flops() -> None:
-    """Teach ``FlopCounterMode`` the oneDNN convolution that parallel_vae's halo layers call directly on CPU
-    (torch's registry knows ``aten.convolution`` and friends, not ``aten.mkldnn_convolution``)."""
-    from torch.utils import flop_counter
-
-    op = torch.ops.aten.mkldnn_convolution
-    if op in flop_counter.flop_registry or op.default in flop_counter.flop_registry:
-        return
-
-    @flop_counter.register_flop_formula(op)
-    def _mkldnn_conv_flop(x_shape, w_shape, bias, padding, stride, dilation, groups, *args, out_shape=None, **kw):
-        return flop_counter.conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
+# The live-tensor tracker and the oneDNN FLOP formula are the real-scale table's (benchmarks/scale_table.py), so
+# both benchmarks measure the same way.
+from parallel_vae.jobs.fake_run import LiveBytes as LiveTensorBytes  # noqa: E402
+from parallel_vae.jobs.fake_run import register_conv_flops as _register_onednn_flops  # noqa: E402
 
 
 def _rss_now() -> int:

@@ -65,6 +65,7 @@ class LiveBytes:
         self.peak = 0
         self.peak_op = ""
         self.peak_shape: tuple = ()
+        self.allocations = 0
         self.phase_peaks: dict[str, int] = {}
         self._phase_peak = 0
         self._live: dict[int, int] = {}
@@ -88,6 +89,7 @@ class LiveBytes:
             return
         self._live[key] = nbytes
         self.current += nbytes
+        self.allocations += 1
         weakref.finalize(storage, self._free, key)
         self._phase_peak = max(self._phase_peak, self.current)
         if self.current > self.peak:
