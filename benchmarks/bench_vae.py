@@ -40,7 +40,6 @@ import sys
 import tempfile
 import time
 import traceback
-import weakref
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -62,82 +61,10 @@ _TOLERANCE = {"float32": 1e-5, "float64": 1e-10}
 # --------------------------------------------------------------------------------------------------------------
 
 
-class LiveTensorBytes:
-    """Peak bytes of tensor storages allocated inside the ``with`` block and alive at the same time.
-
-    A ``TorchDispatchMode`` sees every op's outputs; an output whose storage is not one of the op's inputs' is a
-    new allocation, counted until a ``weakref.finalize`` on the storage reports it freed (storages keep their
-    Python object alive while C++ holds them, so the finalizer fires when the memory is released). Tensors that
-    existed before the block (weights, inputs) are not counted. This is the CPU counterpart of CUDA's
-    ``max_memory_allocated``, without the allocator's caching and oneDNN's weight re-layouts that blur RSS;
-    scratch buffers an op allocates and frees internally are not seen.
-    """
-
-    def __init__(self) -> None:
-        self.current = 0
-        self.peak = 0
-        self.peak_op = ""
-        self.allocations = 0
-        self._live: dict[int, int] = {}
-        self._mode = None
-
-    def _free(self, key: int) -> None:
-        self.current -= self._live.pop(key, 0)
-
-    def _track(self, t: torch.Tensor, inputs: set, func) -> None:
-        try:
-            storage = t.untyped_storage()
-        except (RuntimeError, NotImplementedError):  # opaque tensors (e.g. mkldnn) have no storage
-            return
-        nbytes, key = storage.nbytes(), storage.data_ptr()
-        if nbytes == 0 or key in inputs or key in self._live:
-            return
-        self._live[key] = nbytes
-        self.current += nbytes
-        self.allocations += 1
-        weakref.finalize(storage, self._free, key)
-        if self.current > self.peak:
-            self.peak, self.peak_op = self.current, str(func)
-
-    def __enter__(self) -> "LiveTensorBytes":
-        from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils._pytree import tree_flatten
-
-        tracker = self
-
-        class _Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                inputs = set()
-                for a in tree_flatten((args, kwargs))[0]:
-                    if isinstance(a, torch.Tensor):
-                        with contextlib.suppress(RuntimeError, NotImplementedError):
-                            inputs.add(a.untyped_storage().data_ptr())
-                for t in tree_flatten(out)[0]:
-                    if isinstance(t, torch.Tensor):
-                        tracker._track(t, inputs, func)
-                return out
-
-        self._mode = _Mode()
-        self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._mode.__exit__(*exc)
-
-
-def _register_onednn_flops() -> None:
-    """Teach ``FlopCounterMode`` the oneDNN convolution that parallel_vae's halo layers call directly on CPU
-    (torch's registry knows ``aten.convolution`` and friends, not ``aten.mkldnn_convolution``)."""
-    from torch.utils import flop_counter
-
-    op = torch.ops.aten.mkldnn_convolution
-    if op in flop_counter.flop_registry or op.default in flop_counter.flop_registry:
-        return
-
-    @flop_counter.register_flop_formula(op)
-    def _mkldnn_conv_flop(x_shape, w_shape, bias, padding, stride, dilation, groups, *args, out_shape=None, **kw):
-        return flop_counter.conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
+# The live-tensor tracker and the oneDNN FLOP formula are the real-scale table's (benchmarks/scale_table.py), so
+# both benchmarks measure the same way.
+from parallel_vae.jobs.fake_run import LiveBytes as LiveTensorBytes  # noqa: E402
+from parallel_vae.jobs.fake_run import register_conv_flops as _register_onednn_flops  # noqa: E402
 
 
 def _rss_now() -> int:
@@ -551,6 +478,82 @@ def _run_projection(job: Job, worlds: list[int], timeout: float) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# the machine's parallel ceiling: N shards at once, no communication
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _ceiling_main(job: Job, rank: int, barrier, out_path: str) -> None:
+    try:
+        res = _ceiling_body(job, rank, barrier)
+    except BaseException as e:
+        res = {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"}
+        with contextlib.suppress(Exception):
+            barrier.abort()
+    with open(out_path, "wb") as f:
+        pickle.dump(res, f)
+
+
+def _ceiling_body(job: Job, rank: int, barrier) -> dict:
+    """Rank ``rank``'s shard of the sharded run, computed by parallel_vae's own layers with its halos fed locally
+    (``_simulated_group``: zeros for received rows, this rank's rows for gathers) and no communication, while the
+    other ranks' processes do the same at the same moment. What is left is the machine: cores, memory bandwidth,
+    caches shared by N processes."""
+    import parallel_vae as pv
+    from parallel_vae.core.plan import SpatialState, apply_plan
+    from parallel_vae.core.sharding import row_offsets, row_split
+    from parallel_vae.families import adapter_for, plan_for
+
+    torch.set_num_threads(job.threads)
+    device = torch.device("cpu")
+    vae = _model(job, device)
+    full = _inputs(job, vae)
+    f = pv.spatial_factor(vae)
+    in_unit = 1 if job.op == "decode" else f
+    sizes = row_split(job.latent_hw[0], job.world)
+    x = full.narrow(-2, row_offsets(sizes)[rank] * in_unit, sizes[rank] * in_unit).contiguous()
+    del full
+    adapter = adapter_for(vae)
+    apply_plan(vae, plan_for(vae), SpatialState(None, job.world, f, adapter))
+
+    def run():
+        return adapter.decode_local(vae, x) if job.op == "decode" else adapter.encode_local(vae, x)
+
+    walls = []
+    with _simulated_group(job.world, rank), torch.no_grad():
+        run()  # warm-up
+        for _ in range(max(1, job.repeats)):
+            barrier.wait()
+            t0 = time.perf_counter()
+            run()
+            walls.append(time.perf_counter() - t0)
+    return {"walls": walls}
+
+
+def _run_ceiling(job: Job, timeout: float) -> dict:
+    """Wall time of the slowest of ``job.world`` concurrent no-communication shard runs (best repeat)."""
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(job.world)
+    with tempfile.TemporaryDirectory(prefix="bench_vae_ceiling_") as tmpdir:
+        paths = [os.path.join(tmpdir, f"rank{r}.pkl") for r in range(job.world)]
+        procs = [ctx.Process(target=_ceiling_main, args=(job, r, barrier, paths[r])) for r in range(job.world)]
+        from parallel_vae.jobs._spawn import run_with_deadline
+
+        hung = run_with_deadline(procs, timeout)
+        if hung:
+            raise TimeoutError(f"ceiling of {job.op} N={job.world}: ranks {hung} did not finish in {timeout:.0f}s")
+        results = []
+        for path in paths:
+            with open(path, "rb") as f:
+                results.append(pickle.load(f))
+    errors = [r["error"] for r in results if "error" in r]
+    if errors:
+        raise RuntimeError(f"ceiling of {job.op} N={job.world} failed:\n{errors[0]}")
+    # Repeat i ran on every rank at once (barrier); its wall is the slowest rank's.
+    per_repeat = [max(r["walls"][i] for r in results) for i in range(len(results[0]["walls"]))]
+    return {"wall_s": min(per_repeat), "walls": per_repeat, "per_rank": [min(r["walls"]) for r in results]}
+
+
+# --------------------------------------------------------------------------------------------------------------
 # report
 # --------------------------------------------------------------------------------------------------------------
 
@@ -790,6 +793,13 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--tf32", action="store_true", help="allow TF32 on GPU (off by default: exactness is checked)")
     p.add_argument("--projection", default="auto", choices=["auto", "on", "off"], help="auto: on with CUDA")
     p.add_argument("--proj_worlds", default="1,2,4,8")
+    p.add_argument(
+        "--ceiling",
+        default="on",
+        choices=["on", "off"],
+        help="also time the machine's parallel ceiling on CPU: N processes at once, each computing one rank's\n"
+        "shard with its halos fed locally and no communication (every timed N that has a core per rank)",
+    )
     p.add_argument("--proj_bw_gbs", type=float, default=100.0, help="link bandwidth (GB/s) assumed by the projection")
     p.add_argument("--proj_latency_us", type=float, default=20.0, help="latency per exchange assumed (us)")
     p.add_argument("--seed", type=int, default=0)
@@ -851,8 +861,18 @@ def main(argv=None) -> dict:
                 tag = " (oversubscribed: memory and counts only)" if over else ""
                 print(f"[{time.monotonic() - started:6.1f}s] {op}: parallel {mode} N={n}{tag} ...", flush=True)
                 ranks = _launch(job, args.timeout)
-                summaries.append(_summarize(job, ranks, base, over, load))
+                summary = _summarize(job, ranks, base, over, load)
                 raw[f"{op}/{mode}/{n}"] = ranks
+                if args.ceiling == "on" and device == "cpu" and mode == "sharded" and n > 1 and not over:
+                    print(f"[{time.monotonic() - started:6.1f}s] {op}: ceiling N={n} (no communication) ...", flush=True)
+                    ceiling = _run_ceiling(job, args.timeout)
+                    summary["ceiling_wall_s"] = ceiling["wall_s"]
+                    summary["ceiling_walls"] = ceiling["walls"]
+                    if summary["wall_s"]:
+                        summary["efficiency_vs_linear"] = base["wall_s"] / (n * summary["wall_s"])
+                        summary["efficiency_vs_ceiling"] = ceiling["wall_s"] / summary["wall_s"]
+                        summary["ceiling_efficiency_vs_linear"] = base["wall_s"] / (n * ceiling["wall_s"])
+                summaries.append(summary)
     projections = {}
     run_proj = args.projection == "on" or (args.projection == "auto" and device == "cuda")
     if run_proj:
@@ -893,6 +913,19 @@ def main(argv=None) -> dict:
         "metadata); rel err = max |parallel - diffusers| / max |diffusers|. 'oversub.': more ranks than cores,\n"
         "speed not reported."
     )
+    ceilings = [s for s in summaries if s.get("ceiling_wall_s") is not None]
+    if ceilings:
+        print()
+        print(f"== the machine's parallel ceiling ({machine['cpu']}, {cores} cores): N processes at once, each "
+              "computing one\n   rank's shard with its halos fed locally (parallel_vae's layers, no communication) ==")
+        rows = [[s["op"], s["world"], _fmt(s["wall_s"], ".2f"), _fmt(s["ceiling_wall_s"], ".2f"),
+                 _fmt(s.get("efficiency_vs_linear"), ".3f"), _fmt(s.get("ceiling_efficiency_vs_linear"), ".3f"),
+                 _fmt(s.get("efficiency_vs_ceiling"), ".3f")] for s in ceilings]
+        print(_table(["op", "N", "sharded wall s", "ceiling wall s", "eff vs T1/N", "ceiling vs T1/N",
+                      "eff vs ceiling"], rows))
+        print("eff vs T1/N = diffusers wall / (N x sharded wall); ceiling vs T1/N = the same for the no-communication\n"
+              "shards: what the machine allows; eff vs ceiling = ceiling wall / sharded wall: what communication and\n"
+              "waiting cost on top.")
     proj_out = {}
     if projections:
         print()
@@ -950,7 +983,8 @@ def _log_wandb(args, report: dict) -> None:
             max(s["sent_bytes_per_rank"]) / 2**20, s.get("rel_err"),
         )
         key = f"{s['op']}/{s['mode']}/N{s['world']}"
-        metrics = ("wall_s", "speedup", "work_efficiency", "flop_efficiency", "memory_ratio", "rel_err")
+        metrics = ("wall_s", "speedup", "work_efficiency", "flop_efficiency", "memory_ratio", "rel_err",
+                   "ceiling_wall_s", "efficiency_vs_linear", "efficiency_vs_ceiling")
         run.summary.update({f"{key}/{k}": s.get(k) for k in metrics})
     run.log({"results": table})
     for op, proj in report["projection"].items():

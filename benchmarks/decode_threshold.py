@@ -6,8 +6,10 @@ For each latent size: rank 0 decodes the whole latent with the unmodified model 
 (the 1-process time), then all ranks decode it sharded through the library path and gather the video (the
 N-process time). The two alternate, ``--repeats`` times after one warm-up each, and the fastest run of each
 counts: on a shared machine, load from other jobs only ever adds time, so the minimum is the steadiest figure. Prints a table and the threshold for
-``recipes/decode.py --auto_threshold``: the smallest per-rank work (batch x frames x rows-per-rank x columns) from
-which every measured size ran faster sharded. Writes the numbers to ``--output`` (JSON).
+``recipes/decode.py --auto_threshold``: the smallest per-rank work from which every measured size ran faster
+sharded, in GFLOP of the busiest rank's share of the decode (``parallel_vae.jobs.fake_run.decode_flops_per_rank``,
+the count ``--parallel auto`` uses; latent elements per rank are listed beside it). Writes the numbers to
+``--output`` (JSON).
 
 It also reports the speedup in CPU time (1-process CPU seconds / the busiest rank's CPU seconds), which load from
 other jobs barely moves but which leaves out time spent waiting for messages: an upper bound on the wall speedup
@@ -31,6 +33,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import parallel_vae as pv  # noqa: E402
+from parallel_vae.jobs.fake_run import decode_flops_per_rank  # noqa: E402
 from parallel_vae.jobs.loading import default_vae  # noqa: E402
 from parallel_vae.jobs.metrics import write_json  # noqa: E402
 from parallel_vae.jobs.runtime import start_runtime  # noqa: E402
@@ -101,13 +104,14 @@ def main() -> None:
             continue
         z = torch.randn(1, z_dim, t, h, w, generator=torch.Generator().manual_seed(0))
         times = _compare(lambda: pv.decode_video(reference, z), lambda: pv.decode_video(parallel, z), args.repeats, rt)
-        work = t * math.ceil(h / world) * w
-        row = dict(latent=(t, h, w), work_per_rank=work, **times)
+        elements = t * math.ceil(h / world) * w
+        work = decode_flops_per_rank(reference, tuple(z.shape), world) / 1e9
+        row = dict(latent=(t, h, w), latent_elements_per_rank=elements, work_per_rank=work, **times)
         row["speedup"] = times["single_s"] / times["sharded_s"]
         row["cpu_speedup"] = times["single_cpu_s"] / times["sharded_cpu_s"]
         rows.append(row)
         if rt.is_main:
-            print(f"latent T,h,w={t},{h},{w}  work/rank={work:5d}  wall: 1 proc {times['single_s']:7.3f}s  "
+            print(f"latent T,h,w={t},{h},{w}  elements/rank={elements:5d}  GFLOP/rank={work:8.3f}  wall: 1 proc {times['single_s']:7.3f}s  "
                   f"{world} procs {times['sharded_s']:7.3f}s  speedup {row['speedup']:5.2f}   "
                   f"busiest rank's CPU time speedup {row['cpu_speedup']:5.2f}", flush=True)
     threshold, cpu_threshold = _threshold(rows, "speedup"), _threshold(rows, "cpu_speedup")
@@ -118,12 +122,12 @@ def main() -> None:
             "threads_per_rank": torch.get_num_threads(),
             "device": str(rt.device),
             "rows": rows,
-            "threshold_work_per_rank": threshold,
-            "cpu_time_threshold_work_per_rank": cpu_threshold,
+            "threshold_gflop_per_rank": threshold,
+            "cpu_time_threshold_gflop_per_rank": cpu_threshold,
             "load_average": os.getloadavg(),
         }
         write_json(result, args.output)
-        print(f"threshold (pass as --auto_threshold): {threshold}  (from CPU time alone: {cpu_threshold})  "
+        print(f"threshold GFLOP/rank (pass as --auto_threshold): {threshold}  (from CPU time alone: {cpu_threshold})  "
               f"load average {os.getloadavg()}", flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()

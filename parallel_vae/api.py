@@ -29,6 +29,7 @@ import torch.distributed as dist
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from .core.comm import _all_gather_single, gather_rows, group_rank, group_size, scatter_rows
+from .core.fake import group_split, is_fake, record_split
 from .core.plan import SpatialState, apply_plan, remove_plan
 from .core.sharding import ShardingError, check_latent_height, check_pixel_height, nearest_valid, row_split, scale_sizes
 from .families import FamilyAdapter, adapter_for
@@ -163,14 +164,25 @@ def _agree(vae, op: str, x: torch.Tensor, state: SpatialState) -> list[int]:
     In replicated mode the shapes must be identical and the returned split is the balanced one; in sharded mode
     the heights may differ and are returned as given. Every rank sees the same table, so every rank raises the
     same error (no rank proceeds to a collective that the others skip).
+
+    On fake tensors (``core/fake.py``) the collective still runs, but the table is built from this rank's row and
+    the row arithmetic, and the split is recorded for the op's variable-size gathers.
     """
+    sizes = _agree_sizes(vae, op, x, state)
+    if is_fake(x):
+        record_split([s // (1 if op.endswith("decode") else state.factor) for s in sizes])
+    return sizes
+
+
+def _agree_sizes(vae, op: str, x: torch.Tensor, state: SpatialState) -> list[int]:
     adapter = _adapter(state)
     sharded = op.startswith("sharded")
     latent = op.endswith("decode")
     unit = 1 if latent else state.factor
     dims = list(x.shape) + [0] * (6 - x.dim()) if x.dim() <= 6 else list(x.shape[:6])
     dtype_code = _DTYPES.index(x.dtype) if x.dtype in _DTYPES else -1
-    meta = torch.tensor([_OPS.index(op), dtype_code, x.dim()] + dims, dtype=torch.int64, device=x.device)
+    mine = [_OPS.index(op), dtype_code, x.dim()] + dims
+    meta = torch.tensor(mine, dtype=torch.int64, device=x.device)
     table = torch.empty((state.size, meta.numel()), dtype=torch.int64, device=x.device)
     timeout = getattr(state, "timeout", None)
     if timeout is None:
@@ -178,7 +190,10 @@ def _agree(vae, op: str, x: torch.Tensor, state: SpatialState) -> list[int]:
     else:
         _arrive_within(state, op, timeout)
         _all_gather_single(table, meta.unsqueeze(0), state.group)
-    rows = [[int(v) for v in r] for r in table.tolist()]
+    if is_fake(x):
+        rows = _fake_table(mine, state, op.startswith("sharded"), unit)
+    else:
+        rows = [[int(v) for v in r] for r in table.tolist()]
 
     def fail(msg: str):
         listing = "; ".join(f"rank {r}: {_describe(row)}" for r, row in enumerate(rows))
@@ -225,6 +240,20 @@ def _agree(vae, op: str, x: torch.Tensor, state: SpatialState) -> list[int]:
         hint = "" if latent else f" (nearest: {near})"
         fail(f"every rank's shard needs {need}; ranks {bad} have heights {[heights[r] for r in bad]}{hint}")
     return heights
+
+
+def _fake_table(mine: list[int], state: SpatialState, sharded: bool, unit: int) -> list[list[int]]:
+    """The agreement's table on fake tensors: every rank runs the same op on the same shape, except that in sharded
+    mode the heights are the group's assumed split (``core/fake.py``) in units of ``unit`` rows. A height that is
+    not a multiple of ``unit`` is left as it is, for the checks to reject."""
+    rows = [list(mine) for _ in range(state.size)]
+    height_dim = 3 + min(max(mine[2] - 2, 0), 5)
+    height = mine[height_dim]
+    if sharded and height % unit == 0:
+        split = group_split(height // unit, state.size, group_rank(state.group))
+        for row, latent_rows in zip(rows, split):
+            row[height_dim] = latent_rows * unit
+    return rows
 
 
 class SpatialTimeoutError(TimeoutError):

@@ -9,9 +9,11 @@ OUTPUT_DIR/metrics.json. With no model flag it uses the built-in default model (
 if present, else a seeded model of the real Wan2.1 layout at a small width); with no input flag, a built-in
 17-frame 64x96 demo clip is encoded and decoded (an image VAE round-trips 4 of its frames as a batch).
 
---parallel auto: shard only when every rank gets at least --auto_threshold latent elements (batch x frames x
-rows x columns). The default threshold was measured on a shared 2-core CPU machine (no GPU, gloo, 1 thread per
-rank, the default seeded model, other jobs running: noisy) with
+--parallel auto: shard only when the busiest rank's share of the decode is at least --auto_threshold GFLOP,
+counted from the model and the latent shape on fake tensors (no compute; parallel_vae.jobs.fake_run.
+decode_flops_per_rank), so a wide model shards at smaller sizes than a narrow one. The default threshold was
+measured on a shared 2-core CPU machine (no GPU, gloo, 1 thread per rank, the embedded model, other jobs running:
+noisy) with
 
     accelerate launch --config_file accelerate_configs/cpu_2proc.yaml benchmarks/decode_threshold.py
 
@@ -38,7 +40,7 @@ except ImportError:  # run from a checkout without installing: the package sits 
 
 # Only the torch-free command line here: --help answers before torch, diffusers or deepspeed load.
 from parallel_vae.jobs.cli import (
-    AUTO_MIN_WORK_PER_RANK,
+    AUTO_MIN_GFLOP_PER_RANK,
     DTYPE_NAMES,
     SEEDED_LAYOUT_NAMES,
     ArgumentParser,
@@ -48,15 +50,16 @@ from parallel_vae.jobs.cli import (
 )
 
 THRESHOLD_TABLE = """\
-    Measured with the embedded checkpoint (67 s): sharding lost at 32 latent elements per rank and below (0.48x)
-    and won from 64 up (1.08x at 64, 1.13x at 160, 1.28x at 240, the demo clip's size, and 3.43x at 640). The
-    earlier measurement with the wider seeded model (base_dim 32) gave the same threshold (1.63x at 64).
+    Measured 2026-11-27 with the embedded checkpoint, GFLOP per rank counted as --parallel auto counts them:
+    sharding lost at 0.72 GFLOP per rank and below (0.72x; 32 latent elements) and won from 1.45 up (1.81x at
+    1.45, 1.38x at 2.5, 1.09x at 4.7, 1.82x at 7.1 (the demo clip's size), 3.59x at 18.9). The load average was
+    15 on the 2 cores (other jobs), so the speedups are noisy; the crossover sits where the earlier measurement
+    by latent elements put it (between 32 and 64 per rank for this model).
 
-    -> default --auto_threshold 64. The machine was shared with other jobs, so read the crossover as "between
-    32 and 64 latent elements per rank"; it counts latent elements, not FLOPs, so a wider model pays off at a
-    smaller size. Any real Wan latent (e.g. 21 x 60 x 104 for 81 frames of 480x832) is far above it; on GPUs,
-    where per-layer compute is much shorter relative to each halo exchange, the crossover is higher: re-measure
-    there."""
+    -> default --auto_threshold 1.4 (GFLOP). Counting FLOPs, a wider model shards at fewer latent elements: the
+    real Wan2.1 (base_dim 96) does 63x the embedded model's (base_dim 12) FLOPs per latent element and crosses
+    1.4 GFLOP per rank at 4 latent elements per rank, where the embedded model needs 64. Any real Wan latent (e.g. 21 x 60 x 104 for 81 frames of 480x832) is far above it; on GPUs, where
+    per-layer compute is much shorter relative to each halo exchange, the crossover is higher: re-measure there."""
 __doc__ = __doc__.replace("{THRESHOLD_TABLE}", THRESHOLD_TABLE)
 
 
@@ -171,14 +174,14 @@ def build_parser() -> ArgumentParser:
         default="auto",
         choices=["auto", "on", "off"],
         help="on: split rows over all processes (needs at least one latent row per process); off: every process "
-        "decodes the whole input, no communication, rank 0 writes; auto: on when each process gets at least "
-        "--auto_threshold latent elements and the rows can be split, else off (default: %(default)s)",
+        "decodes the whole input, no communication, rank 0 writes; auto: on when the busiest process's share of the "
+        "decode is at least --auto_threshold GFLOP and the rows can be split, else off (default: %(default)s)",
     )
     par.add_argument(
         "--auto_threshold",
-        type=int,
-        default=AUTO_MIN_WORK_PER_RANK,
-        help="latent elements per process (batch x frames x rows x cols) from which --parallel auto shards "
+        type=float,
+        default=AUTO_MIN_GFLOP_PER_RANK,
+        help="GFLOP per process (the busiest rank's share of the decode) from which --parallel auto shards "
         "(default: %(default)s, measured as described above)",
     )
     add_runtime_args(p)

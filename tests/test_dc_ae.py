@@ -262,7 +262,7 @@ def test_decode_recipe_plans_two_latent_rows_per_rank():
 
     shape = (1, 32, 3, 4)  # 3 latent rows: enough for 2 ranks of most families, not for DC-AE's 2 rows each
     assert plan_parallel("on", shape, 2, factor=32).shard
-    assert not plan_parallel("auto", shape, 2, threshold=0, factor=32, min_rows=2).shard
+    assert not plan_parallel("auto", shape, 2, threshold_gflop=0, factor=32, min_rows=2).shard
     with pytest.raises(InputError, match="at least 2 latent rows"):
         plan_parallel("on", shape, 2, factor=32, min_rows=2)
 

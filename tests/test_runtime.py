@@ -57,14 +57,14 @@ def test_wandb_mode(monkeypatch, tmp_path):
 
 
 def test_plan_parallel():
-    shape = (1, 16, 2, 5, 4)  # 5 latent rows: 3 + 2 over 2 ranks; work per rank = 1 * 2 * 3 * 4 = 24
+    shape = (1, 16, 2, 5, 4)  # 5 latent rows: 3 + 2 over 2 ranks; the busiest rank's share: 24 GFLOP, say
     assert not plan_parallel("on", shape, 1).shard  # one process: nothing to shard
     assert not plan_parallel("off", shape, 2).shard
     assert plan_parallel("on", shape, 2).shard
-    assert plan_parallel("auto", shape, 2, threshold=24).shard
-    below = plan_parallel("auto", shape, 2, threshold=25)
-    assert not below.shard and below.work_per_rank == 24 and "< threshold 25" in below.reason
-    assert not plan_parallel("auto", (1, 16, 2, 1, 4), 2, threshold=0).shard  # 1 row cannot be split
+    assert plan_parallel("auto", shape, 2, threshold_gflop=24, gflop_per_rank=24.0).shard
+    below = plan_parallel("auto", shape, 2, threshold_gflop=25, gflop_per_rank=24.0)
+    assert not below.shard and below.gflop_per_rank == 24 and "< threshold 25" in below.reason
+    assert not plan_parallel("auto", (1, 16, 2, 1, 4), 2, threshold_gflop=0).shard  # 1 row cannot be split
     with pytest.raises(InputError, match=r"1 latent rows \(8 pixel rows\) cannot be split over 2 ranks"):
         plan_parallel("on", (1, 16, 2, 1, 4), 2)
 

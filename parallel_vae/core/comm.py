@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .fake import is_fake, proportional_sizes
 from .sharding import ShardingError, row_split
 
 __all__ = [
@@ -359,6 +360,8 @@ def all_gather_sizes(rows: int, group, device: torch.device) -> list[int]:
     mine = torch.tensor([rows], dtype=torch.int64, device=device)
     out = torch.empty(size, dtype=torch.int64, device=device)
     _all_gather_single(out, mine, group)
+    if is_fake(out):  # no values on fake tensors: the rows follow from the group's latent split (core/fake.py)
+        return proportional_sizes(rows, size, group_rank(group))
     return [int(v) for v in out.tolist()]
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .fake import is_fake
 from .comm import group_rank, group_size, halo_pad, neighbor_rows
 from .plan import SpatialState
 from .sharding import ShardingError
@@ -51,8 +52,10 @@ PadSpec = Sequence[tuple]
 
 
 def _onednn(x: torch.Tensor) -> bool:
+    # Not on fake tensors (core/fake.py): oneDNN's kernel has no fake implementation; F.conv allocates the same.
     return (
         x.device.type == "cpu"
+        and not is_fake(x)
         and x.dtype == torch.float32
         and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled

@@ -18,7 +18,7 @@ __all__ = [
     "ArgumentParser",
     "UsageError",
     "DEFAULT_TIMEOUT_S",
-    "AUTO_MIN_WORK_PER_RANK",
+    "AUTO_MIN_GFLOP_PER_RANK",
     "DTYPE_NAMES",
     "SEEDED_LAYOUT_NAMES",
     "add_runtime_args",
@@ -31,9 +31,9 @@ __all__ = [
 # the mp4 of an 81-frame 720p video), short enough that a hang is noticed.
 DEFAULT_TIMEOUT_S = 900
 
-# Smallest per-rank work (latent elements: batch x frames x rows x columns) for which sharding over 2 ranks beat
-# one process, measured by benchmarks/decode_threshold.py (see recipes/decode.py --help for the numbers).
-AUTO_MIN_WORK_PER_RANK = 64
+# Smallest per-rank work (GFLOP of the busiest rank's share of the decode) for which sharding over 2 ranks beat one
+# process, measured by benchmarks/decode_threshold.py (see recipes/decode.py --help for the numbers).
+AUTO_MIN_GFLOP_PER_RANK = 1.4
 
 # The decode recipe's --dtype choices (parallel_vae.jobs.loading.DTYPES maps them to torch dtypes).
 DTYPE_NAMES = ("float32", "bfloat16", "float16")

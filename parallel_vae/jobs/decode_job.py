@@ -15,8 +15,9 @@ run never leaves a partial ``video.mp4``, nor new outputs beside an old ``metric
 * ``off``: no communication; every rank decodes the whole input with the unmodified model (identical results),
   the main rank writes. On GPUs this costs no wall time (each rank has its own device) and needs no rank to sit
   in a collective for the whole decode. On one shared CPU it multiplies the CPU work: use a 1-process launch.
-* ``auto``: ``on`` when every rank gets at least ``auto_threshold`` latent elements (batch x frames x rows x
-  columns; see :data:`AUTO_MIN_WORK_PER_RANK` for the measurement), and the rows can be split; else ``off``.
+* ``auto``: ``on`` when the busiest rank's share of the decode is at least ``auto_threshold`` GFLOP (counted from
+  the model and the shape on fake tensors; see :data:`AUTO_MIN_GFLOP_PER_RANK` for the measurement), and the rows
+  can be split; else ``off``.
 """
 
 from __future__ import annotations
@@ -38,14 +39,15 @@ from ..errors import InputError
 from .loading import denormalize_latents, describe_vae, load_latents, load_vae, parse_dtype, parse_seeded
 from .metrics import peak_memory_bytes, psnr, reset_peak_memory, ssim, write_json
 from ..pipeline import decode_video, encode_video
-from .cli import AUTO_MIN_WORK_PER_RANK
+from .cli import AUTO_MIN_GFLOP_PER_RANK
 from .runtime import Runtime, UsageError, start_tracking
 from ..core.sharding import nearest_valid, row_split
+from .fake_run import decode_flops_per_rank
 from .models import build_seeded_vae
 from .video import contact_sheet, demo_video, read_image, read_video, write_image, write_video
 from ..families import adapter_for, latent_channels, pixel_channels, spatial_factor
 
-__all__ = ["AUTO_MIN_WORK_PER_RANK", "ParallelPlan", "plan_parallel", "DecodeInput", "read_input", "run_decode"]
+__all__ = ["AUTO_MIN_GFLOP_PER_RANK", "ParallelPlan", "plan_parallel", "DecodeInput", "read_input", "run_decode"]
 
 
 DEMO_SHAPE = dict(frames=17, height=64, width=96)
@@ -60,32 +62,35 @@ class ParallelPlan:
     requested: str
     shard: bool
     reason: str
-    work_per_rank: int
-    threshold: int
+    gflop_per_rank: float
+    threshold_gflop: float
 
 
 def plan_parallel(
     mode: str,
     latent_shape: tuple,
     world: int,
-    threshold: int = AUTO_MIN_WORK_PER_RANK,
+    threshold_gflop: float = AUTO_MIN_GFLOP_PER_RANK,
     factor: int = 8,
+    gflop_per_rank: float = 0.0,
     min_rows: int = 1,
 ) -> ParallelPlan:
     """Decide whether to shard latents of ``latent_shape`` (B, C, T, h, w) or (B, C, h, w) over ``world`` ranks.
 
-    Pure arithmetic on values every rank agrees on, so every rank reaches the same decision. ``factor`` (pixel
-    rows per latent row) only appears in messages. Raises :class:`InputError` for ``on`` when there are fewer
-    than ``min_rows`` latent rows per rank (the family adapter's ``min_latent_rows``, 1 for most).
+    ``auto`` weighs ``gflop_per_rank``, the busiest rank's share of the decode's FLOPs (from the model and the
+    shape: :func:`parallel_vae.jobs.fake_run.decode_flops_per_rank`), against ``threshold_gflop``: per-layer
+    exchange costs are fixed, so what pays for them is compute per rank, and a wide model pays at fewer latent
+    elements than a narrow one. Pure arithmetic on values every rank agrees on, so every rank reaches the same
+    decision. ``factor`` (pixel rows per latent row) only appears in messages. Raises :class:`InputError` for
+    ``on`` when there are fewer than ``min_rows`` latent rows per rank (the family adapter's ``min_latent_rows``,
+    1 for most).
     """
     if mode not in ("auto", "on", "off"):
         raise InputError(f"unknown --parallel {mode!r}; choose auto, on or off")
-    h, w = latent_shape[-2:]
-    others = math.prod(latent_shape[:1] + latent_shape[2:-2])  # batch (x frames)
-    work = others * math.ceil(h / world) * w
+    h = latent_shape[-2]
 
     def plan(shard: bool, reason: str) -> ParallelPlan:
-        return ParallelPlan(mode, shard, reason, work, threshold)
+        return ParallelPlan(mode, shard, reason, gflop_per_rank, threshold_gflop)
 
     if world == 1:
         return plan(False, "a single process: nothing to shard")
@@ -102,9 +107,9 @@ def plan_parallel(
         return plan(False, f"auto: {h} latent rows cannot be split over {world} ranks")
     if mode == "on":
         return plan(True, "--parallel on")
-    if work >= threshold:
-        return plan(True, f"auto: {work} latent elements per rank >= threshold {threshold}")
-    return plan(False, f"auto: {work} latent elements per rank < threshold {threshold}")
+    if gflop_per_rank >= threshold_gflop:
+        return plan(True, f"auto: {gflop_per_rank:.3g} GFLOP per rank >= threshold {threshold_gflop:g}")
+    return plan(False, f"auto: {gflop_per_rank:.3g} GFLOP per rank < threshold {threshold_gflop:g}")
 
 
 @dataclass
@@ -280,9 +285,13 @@ def run_decode(rt: Runtime, args: argparse.Namespace) -> Optional[dict]:
     with rt.agreed():
         if any(s != shapes[0] for s in shapes):
             raise InputError(f"ranks read inputs of different shapes: {shapes}; every rank must see the same file")
+        latent_shape = inp.latent_shape(vae)
+        min_rows = adapter_for(vae).min_latent_rows(vae)
+        gflop = 0.0
+        if args.parallel == "auto" and world > 1 and latent_shape[-2] >= world * min_rows:
+            gflop = decode_flops_per_rank(vae, latent_shape, world) / 1e9
         plan = plan_parallel(
-            args.parallel, inp.latent_shape(vae), world, args.auto_threshold, spatial_factor(vae),
-            adapter_for(vae).min_latent_rows(vae),
+            args.parallel, latent_shape, world, args.auto_threshold, spatial_factor(vae), gflop, min_rows
         )
     # step 3: the output folder (main rank), before any compute, so an unwritable folder fails in seconds; the
     # temporaries a killed run left there are cleared.
