@@ -40,7 +40,7 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 # The --seeded layouts (parallel_vae.jobs.models.SEEDED_LAYOUTS builds them).
 SEEDED_LAYOUT_NAMES = (
     "wan2.1", "wan2.2", "sd", "sdxl", "sd3", "flux1", "flux2", "qwenimage", "hunyuanvideo", "hunyuanvideo15",
-    "cogvideox", "ltxvideo", "ltx2", "mochi", "dcae",
+    "cogvideox", "dcae", "ltxvideo", "ltx2", "mochi",
 )  # fmt: skip
 
 

@@ -169,11 +169,14 @@ class Runtime:
     def close(self) -> None:
         """End the trackers, then take the process group down on every rank together.
 
-        The barrier first: no rank closes its connections while another may still be reading the last
-        collective's data from them (gloo tears sockets down in ``destroy_process_group``).
+        The trackers (main rank only) are finished directly, not through ``accelerator.end_training()``: that also
+        destroys the process group, on the main rank alone, while the other ranks may still be waiting for it.
+        Then a barrier: no rank closes its connections while another is still writing or reading (gloo tears its
+        sockets down in ``destroy_process_group``, and a peer still inside a collective sees "connection closed").
         """
         if self.trackers_started:
-            self.accelerator.end_training()
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
             self.trackers_started = False
         if self.distributed:
             dist.barrier()
