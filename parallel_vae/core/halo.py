@@ -29,8 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fake import is_fake
 from .comm import group_rank, group_size, halo_pad, neighbor_rows
+from .fake import is_fake
 from .plan import SpatialState
 from .sharding import ShardingError
 

@@ -107,9 +107,10 @@ def plan_parallel(
         return plan(False, f"auto: {h} latent rows cannot be split over {world} ranks")
     if mode == "on":
         return plan(True, "--parallel on")
+    limit = int(threshold_gflop) if float(threshold_gflop).is_integer() else threshold_gflop  # as the user wrote it
     if gflop_per_rank >= threshold_gflop:
-        return plan(True, f"auto: {gflop_per_rank:.3g} GFLOP per rank >= threshold {threshold_gflop:g}")
-    return plan(False, f"auto: {gflop_per_rank:.3g} GFLOP per rank < threshold {threshold_gflop:g}")
+        return plan(True, f"auto: {gflop_per_rank:.3g} GFLOP per rank >= threshold {limit}")
+    return plan(False, f"auto: {gflop_per_rank:.3g} GFLOP per rank < threshold {limit}")
 
 
 @dataclass
