@@ -436,6 +436,15 @@ def _parse(argv=None):
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--all_ranks", action="store_true", help="measure every headline rank, not one per shape class")
     p.add_argument("--jobs", type=int, default=2, help="worker processes, one fake rank each (default: %(default)s)")
+    p.add_argument(
+        "--tasks_per_worker",
+        type=int,
+        default=0,
+        help="fake ranks a worker runs before it is replaced by a fresh process; 0: never replaced (default: "
+        "%(default)s). Each rank's measurement is independent of the process's history (the tracker counts the "
+        "live tensors of that run only; fake tensors allocate nothing), and a fresh spawned worker costs an import of "
+        "torch and diffusers, about 5 s, per rank",
+    )
     p.add_argument("--links", default="nvlink,pcie",
                    help="link classes for the projection: nvlink (200 GB/s, 15 us), pcie (20 GB/s, 30 us),\n"
                         "custom (--bw_gbs, --latency_us) (default: %(default)s)")
@@ -465,7 +474,7 @@ def main(argv=None) -> dict:
     print(f"{len(tasks)} fake ranks on {args.jobs} worker(s); load average {os.getloadavg()[0]:.2f}", flush=True)
     results = []
     ctx = mp.get_context("spawn")
-    with ctx.Pool(args.jobs, maxtasksperchild=1) as pool:
+    with ctx.Pool(args.jobs, maxtasksperchild=args.tasks_per_worker or None) as pool:
         cpu_job = pool.apply_async(_cpu_throughput)
         for task, res in pool.imap_unordered(_run_task, tasks):
             results.append((task, res))
