@@ -98,6 +98,19 @@ def reference(case: FCase, dtype_name: Optional[str] = None) -> dict:
     return res
 
 
+
+def call_outcomes(calls: dict) -> dict:
+    """name -> None if ``calls[name]()`` returned, else (exception type name, message): what the bad-input tests
+    compare across ranks (every rank must raise the same clear error)."""
+    out = {}
+    for name, call in calls.items():
+        try:
+            call()
+            out[name] = None
+        except Exception as e:  # noqa: BLE001 - the test inspects what was raised
+            out[name] = (type(e).__name__, str(e))
+    return out
+
 def _groups(rank: int, case: FCase):
     if case.groups is None:
         return dist.group.WORLD

@@ -33,7 +33,7 @@ import torch.distributed as dist
 import parallel_vae as pv
 from parallel_vae.families import adapter_for
 from tests.dist_harness import run_ranks, values
-from tests.family_cases import FCase, check, make_model, reference, run_case
+from tests.family_cases import FCase, call_outcomes, check, make_model, reference, run_case
 
 SHALLOW = (("encoder_layers_per_block", (1,) * 6), ("decoder_layers_per_block", (1,) * 6))
 # The f32c32-in/mix-1.0 releases' kinds: no layers at the first level (conv_in / conv_out become a pixel-unshuffle
@@ -233,14 +233,7 @@ def _bad_input_worker(rank: int, world: int) -> dict:
             vae.disable_tiling()
 
     calls["tiling_enabled"] = tiled
-    out = {}
-    for name, call in calls.items():
-        try:
-            call()
-            out[name] = None
-        except Exception as e:  # noqa: BLE001 - the test inspects what was raised
-            out[name] = (type(e).__name__, str(e))
-    return out
+    return call_outcomes(calls)
 
 
 @pytest.mark.timeout(300)

@@ -16,7 +16,7 @@ import torch
 import parallel_vae as pv
 from parallel_vae.families import adapter_for
 from tests.dist_harness import run_ranks, values
-from tests.family_cases import FCase, check, make_model, reference, run_cases
+from tests.family_cases import FCase, call_outcomes, check, make_model, reference, run_cases
 
 CASES = [
     # AutoencoderKL (SD layout: 4 latent channels, quant convs) and its SD3/Flux.1 variant (16 channels, none)
@@ -90,14 +90,7 @@ def _bad_input_worker(rank, world, layout, width=8, latent=4):
             vae.disable_tiling()
 
     calls["tiling_enabled"] = tiled
-    out = {}
-    for name, call in calls.items():
-        try:
-            call()
-            out[name] = None
-        except Exception as e:  # noqa: BLE001 - the test inspects what was raised
-            out[name] = (type(e).__name__, str(e))
-    return out
+    return call_outcomes(calls)
 
 
 @pytest.mark.timeout(300)

@@ -39,7 +39,7 @@ from parallel_vae.families import hunyuan_video as hvf
 from tests import family_cases
 from tests.cases import rel_err
 from tests.dist_harness import run_ranks, values
-from tests.family_cases import FCase, check, run_cases
+from tests.family_cases import FCase, call_outcomes, check, run_cases
 
 L = "hunyuanvideo"
 SMALL_TILES = (8, 4)  # tile_sample_min_num_frames, tile_sample_stride_num_frames (diffusers: 16, 12)
@@ -486,14 +486,7 @@ def _bad_input_worker(rank: int, world: int):
         "no_frames": lambda: vae.decode(torch.zeros(1, zc, 0, world, 2)),
         "sharded_shard_not_multiple": lambda: pv.sharded_encode(vae, torch.zeros(1, c, 1, f + 4 * rank, f)),
     }
-    out = {}
-    for name, call in calls.items():
-        try:
-            call()
-            out[name] = None
-        except Exception as e:  # noqa: BLE001 - the test inspects what was raised
-            out[name] = (type(e).__name__, str(e))
-    return out
+    return call_outcomes(calls)
 
 
 @pytest.mark.timeout(300)

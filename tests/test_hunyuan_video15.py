@@ -27,7 +27,7 @@ import parallel_vae as pv
 from parallel_vae.families import adapter_for
 from tests.cases import BARS, DTYPES, PARAM_GRAD_SLACK, rel_err
 from tests.dist_harness import run_ranks, values
-from tests.family_cases import FCase, check, make_inputs, make_model, param_grad_errors, run_cases, worst
+from tests.family_cases import FCase, call_outcomes, check, make_inputs, make_model, param_grad_errors, run_cases, worst
 
 L = "hunyuanvideo15"
 CASES = [
@@ -125,14 +125,7 @@ def _bad_input(rank: int, world: int) -> dict:
         "wrong_pixel_channels": lambda: vae.encode(torch.zeros(1, c + 1, 1, f * world, f)),
         "pixel_frames_not_1_plus_4n": lambda: vae.encode(torch.zeros(1, c, 3, f * world, f)),
     }
-    out = {}
-    for name, call in calls.items():
-        try:
-            call()
-            out[name] = None
-        except Exception as e:  # noqa: BLE001 - the test inspects what was raised
-            out[name] = (type(e).__name__, str(e))
-    return out
+    return call_outcomes(calls)
 
 
 def _checkpoint_recomputes(rank: int, world: int) -> dict:

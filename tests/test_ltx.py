@@ -35,7 +35,7 @@ from parallel_vae.families import adapter_for
 from parallel_vae.jobs.models import build_seeded_vae
 from tests import family_cases
 from tests.dist_harness import run_ranks, values
-from tests.family_cases import FCase, check, run_cases
+from tests.family_cases import FCase, call_outcomes, check, run_cases
 
 NOISE_SEED = 31
 
@@ -321,14 +321,7 @@ def _bad_input_worker(rank: int, world: int, layout: str):
     }
     if layout == "ltx2":  # LTX-Video's stride-2 conv downsamplers take any frame count; LTX-2's pair frames up
         calls["frames_not_paired"] = lambda: pv.sharded_encode(vae, torch.zeros(1, c, 4, f, f))
-    out = {}
-    for name, call in calls.items():
-        try:
-            call()
-            out[name] = None
-        except Exception as e:  # noqa: BLE001 - the test inspects what was raised
-            out[name] = (type(e).__name__, str(e))
-    return out
+    return call_outcomes(calls)
 
 
 @pytest.mark.timeout(300)
