@@ -31,11 +31,12 @@ import torch.nn.functional as F
 
 from .comm import group_rank, group_size, halo_pad, neighbor_rows
 from .fake import is_fake
-from .plan import SpatialState
+from .plan import SpatialState, Treatment, original_class, sharded_class, unknown_module
 from .sharding import ShardingError
 
 __all__ = [
     "conv_halo",
+    "conv_treatment",
     "edge_rows",
     "halo_rows",
     "halo_for_conv",
@@ -426,3 +427,17 @@ def halo_interpolate(x: torch.Tensor, group, scale: int, mode: str = "bilinear")
     factors = [1] * (x.dim() - 4) + [scale, scale] if mode != "bilinear" or x.dim() == 4 else [1, scale, scale]
     out = F.interpolate(padded, scale_factor=factors if x.dim() > 4 else scale, mode=mode, align_corners=False)
     return out.narrow(-2, reach * scale, x.shape[-2] * scale)
+
+
+def conv_treatment(name: str, m: nn.Module) -> Optional[Treatment]:
+    """The treatment of a plain ``nn.Conv2d``/``nn.Conv3d`` from its row geometry: ``None`` (local) for one row of
+    kernel, stride 1 and no row padding; :class:`HaloConv` otherwise. ``padding="same"``-style strings and circular
+    padding (which wraps the image's last rows onto its first) are refused."""
+    kh = m.kernel_size[-2]
+    if isinstance(m.padding, str):
+        raise unknown_module(name, m, f"padding={m.padding!r}")
+    if kh == 1 and m.stride[-2] == 1 and m.padding[-2] == 0:
+        return None  # one row of kernel (grouped or not): local
+    if m.padding_mode == "circular":
+        raise unknown_module(name, m, "circular padding wraps rows around the image")
+    return Treatment(name, sharded_class(HaloConv, original_class(m)), f"{kh}-row conv: halo rows from its geometry")

@@ -28,7 +28,7 @@ from diffusers.models.unets.unet_2d_blocks import DownEncoderBlock2D, UNetMidBlo
 from diffusers.models.upsampling import Upsample2D
 
 from ..core.attention import ShardedAttention, check_pixel_attention
-from ..core.halo import HaloConv, HaloDownsample2D
+from ..core.halo import HaloDownsample2D, conv_treatment
 from ..core.norm import ShardedGroupNorm
 from ..core.plan import Treatment, classify, original_class, sharded_class, unknown_module
 from .base import FamilyAdapter, scaling_shift_normalization
@@ -65,16 +65,9 @@ def image_vae_treatment(name: str, m: nn.Module, parents: dict) -> Treatment | N
             raise unknown_module(name, m, "only nearest 2x + conv upsampling is supported")
         return None  # nearest 2x is local; the conv gets HaloConv
     if cls is nn.Conv2d:
-        kh, sh = m.kernel_size[0], m.stride[0]
         if isinstance(parent, Downsample2D) and parent.padding == 0:
             return None  # its input carries the halo row (HaloDownsample2D)
-        if isinstance(m.padding, str):
-            raise unknown_module(name, m, f"padding={m.padding!r}")
-        if kh == 1 and sh == 1 and m.padding[0] == 0:
-            return None  # 1x1: local
-        if m.padding_mode == "circular":
-            raise unknown_module(name, m, "circular padding wraps rows around the image")
-        return Treatment(name, sharded_class(HaloConv, cls), f"{kh}-row conv: halo rows from its geometry")
+        return conv_treatment(name, m)
     raise unknown_module(name, m)
 
 

@@ -34,7 +34,7 @@ from diffusers.models.autoencoders.autoencoder_dc import (
 from diffusers.models.normalization import RMSNorm
 from diffusers.models.transformers.sana_transformer import GLUMBConv
 
-from ..core.halo import HaloConv
+from ..core.halo import conv_treatment
 from ..core.linear_attention import ShardedMultiscaleLinearAttention
 from ..core.plan import Treatment, classify, original_class, sharded_class, unknown_module
 from .base import FamilyAdapter, scaling_shift_normalization
@@ -92,14 +92,7 @@ def _treatment(name: str, m: nn.Module, parents: dict) -> Treatment | None:
     if cls is nn.BatchNorm2d:
         return Treatment(name, sharded_class(EvalBatchNorm, cls), "BatchNorm2d: running statistics only")
     if cls is nn.Conv2d:
-        kh = m.kernel_size[0]
-        if isinstance(m.padding, str):
-            raise unknown_module(name, m, f"padding={m.padding!r}")
-        if kh == 1 and m.stride[0] == 1 and m.padding[0] == 0:
-            return None  # 1x1 (grouped or not): local
-        if m.padding_mode == "circular":
-            raise unknown_module(name, m, "circular padding wraps rows around the image")
-        return Treatment(name, sharded_class(HaloConv, cls), f"{kh}-row conv: halo rows from its geometry")
+        return conv_treatment(name, m)
     raise unknown_module(name, m)
 
 
