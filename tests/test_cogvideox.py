@@ -27,7 +27,7 @@ from diffusers.models.autoencoders import autoencoder_kl_cogvideox as cog
 
 import parallel_vae as pv
 from parallel_vae.core.plan import SpatialState, Treatment, apply_plan, sharded_class
-from parallel_vae.core.wrapped_conv import HaloOwnForwardConv
+from parallel_vae.layers.cogvideox_conv import HaloOwnForwardConv
 from tests.cases import rel_err
 from tests.dist_harness import run_ranks, values
 from tests.family_cases import FCase, check, make_model, reference, run_cases

@@ -135,7 +135,7 @@ def _gradcheck_worker(rank, world, sizes, what):
     if what == "conv":
         from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
-        from parallel_vae.core.halo import HaloCausalConv
+        from parallel_vae.layers.causal_cache_conv import HaloCausalConv
         from parallel_vae.core.plan import SpatialState, sharded_class
 
         conv = WanCausalConv3d(2, 3, 3, padding=1).double()

@@ -1,5 +1,5 @@
 """DC-AE (diffusers ``AutoencoderDC``) against the unmodified diffusers model, and the linear-attention collective
-(``parallel_vae/core/linear_attention.py``) on its own.
+(``parallel_vae/layers/linear_attention.py``) on its own.
 
 float64 needs one thing said first. diffusers computes two things of this model in float32 whatever the model's
 dtype: ``RMSNorm``'s variance (``hidden_states.to(torch.float32).pow(2).mean(-1)``) and the multi-scale linear
@@ -157,7 +157,7 @@ def _linear_attention_worker(rank: int, world: int, sizes: list) -> dict:
     """f(q, k, v) = gather(sharded linear attention(scatter(q, k, v))) on every rank against the attention of the
     whole image computed directly (scores K^T Q, normalized per query), forward and gradients; gradcheck of f."""
     from parallel_vae.core import comm
-    from parallel_vae.core.linear_attention import sharded_linear_attention
+    from parallel_vae.layers.linear_attention import sharded_linear_attention
 
     torch.set_num_threads(1)
     torch.manual_seed(0)  # the same tensors on every rank

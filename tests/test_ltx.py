@@ -246,7 +246,7 @@ def _frame_noise_worker(rank: int, world: int):
     """Rows 2/1 of a 5-wide frame, each rank's generator seeded differently: (my rows, my generator's next draw)."""
     import torch.distributed as dist
 
-    from parallel_vae.core.noise import frame_noise
+    from parallel_vae.layers.ltx_noise import frame_noise
 
     torch.manual_seed(100 + rank)
     rows = [2, 1][rank]

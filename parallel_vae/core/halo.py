@@ -1,8 +1,9 @@
-"""Halo layers: convolutions, pads and resizes that read neighbouring rows, on row shards.
+"""Halo machinery: the halo arithmetic of a convolution, edge padding, and the generic halo conv, on row shards.
 
-Each class here is a *mixin* that supplies ``forward`` for a layer class it stands in for; the plan installs
-``sharded_class(mixin, type(module))`` by swapping the instance's ``__class__`` (see :mod:`.plan`), so parameters,
-buffers, ``state_dict`` keys, hooks and ``isinstance`` checks are untouched and disabling restores the class.
+A halo class (``HaloConv`` here; the layer-specific ones in :mod:`parallel_vae.layers`) is a *mixin* that supplies
+``forward`` for a layer class it stands in for; the plan installs ``sharded_class(mixin, type(module))`` by
+swapping the instance's ``__class__`` (see :mod:`.plan`), so parameters, buffers, ``state_dict`` keys, hooks and
+``isinstance`` checks are untouched and disabling restores the class.
 Rows are dim -2 of every tensor (4-D images (B, C, H, W) and 5-D videos (B, C, T, H, W)).
 
 The arithmetic of a convolution's halo (``conv_halo``): a kernel of height k, dilation d and stride s with p_top
@@ -40,12 +41,7 @@ __all__ = [
     "edge_rows",
     "halo_rows",
     "halo_for_conv",
-    "halo_interpolate",
     "HaloConv",
-    "HaloCausalConv",
-    "HaloPadConv",
-    "HaloZeroPad2d",
-    "HaloDownsample2D",
 ]
 
 # (mode, rows, value) applied innermost first, e.g. (("replicate", 1, 0.0), ("zeros", 1, 0.0)).
@@ -306,127 +302,6 @@ class HaloConv:
         spec = ((mode, ph, 0.0),)
         x = halo_for_conv(x, group, kh, sh, dh, ph, ph, spec, spec)
         return _conv(x, self.weight, self.bias, self.stride, tuple(other), self.dilation, self.groups)
-
-
-class HaloPadConv:
-    """A module that pads with ``F.pad(x, self.time_causal_padding, mode=self.pad_mode)`` and then runs
-    ``self.conv`` (HunyuanVideo's and HunyuanVideo-1.5's causal 3-D convs): the row part of both paddings becomes
-    one halo; the edge ranks pad as the layer does (its pad mode, then the conv's own zero padding)."""
-
-    _pv_state: SpatialState
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        group = self._pv_state.group
-        conv = self.conv
-        # time_causal_padding = (w_left, w_right, h_top, h_bottom, t_front, t_back), F.pad order
-        wl, wr, ht, hb, tf, tb = self.time_causal_padding
-        x = F.pad(x, (wl, wr, 0, 0, tf, tb), mode=self.pad_mode)
-        kh, sh, dh, ph = conv.kernel_size[1], conv.stride[1], conv.dilation[1], conv.padding[1]
-        top_spec = ((self.pad_mode, ht, 0.0), ("zeros", ph, 0.0))
-        bottom_spec = ((self.pad_mode, hb, 0.0), ("zeros", ph, 0.0))
-        x = halo_for_conv(x, group, kh, sh, dh, ht + ph, hb + ph, top_spec, bottom_spec)
-        pad = (conv.padding[0], 0, conv.padding[2])
-        return _conv(x, conv.weight, conv.bias, conv.stride, pad, conv.dilation, conv.groups)
-
-
-class HaloCausalConv:
-    """A causal 3-D conv with a frame cache (``WanCausalConv3d``, ``QwenImageCausalConv3d``: ``_padding`` =
-    (w, w, h, h, t, 0), zero padding, ``forward(x, cache_x)``): the rows above and below come from the neighbours.
-
-    The halo covers the cached frames too. Their halo rows travelled with the previous chunk (the cache is the
-    tail of this conv's previous input), so without autograd they are remembered and not sent again.
-    """
-
-    _pv_state: SpatialState
-    CACHE_T = 2  # frames the diffusers encoders/decoders keep per causal conv (both families' CACHE_T)
-
-    def forward(self, x, cache_x=None) -> torch.Tensor:
-        w_pad, _, top, bottom, front, _ = self._padding
-        state = self._pv_state
-        kh, sh = self.kernel_size[1], self.stride[1]
-        if kh != 2 * top + 1 or top != bottom or sh != 1:
-            raise NotImplementedError(f"causal conv with row kernel {kh}, padding {top}/{bottom}, stride {sh}")
-        prefix = None
-        if cache_x is not None and front > 0:
-            prefix = cache_x.to(x.device)
-            front -= prefix.shape[2]
-            if front < 0:
-                raise RuntimeError(f"a cache of {prefix.shape[2]} frames is longer than the causal padding")
-        # step 1: which halo rows are known. diffusers' encoder and decoder build every conv's cache as the last
-        # CACHE_T frames of that conv's input stream (the previous chunk, or the one before and the previous),
-        # and clear the caches at the first chunk (cache None), which resets what is remembered here. All ranks
-        # run the same calls with the same shapes (bar the rows), so they decide alike and the sends pair up.
-        # With autograd on, nothing is remembered: gradient checkpointing re-runs chunks out of order.
-        remember = not torch.is_grad_enabled()
-        known = state.tails.get(self) if remember and prefix is not None else None
-        if known is not None:
-            n = prefix.shape[2]
-            above, below = known
-            fits = above.shape[2] >= n and above.shape[:2] == prefix.shape[:2] and above.shape[4] == prefix.shape[4]
-            known = (above[:, :, -n:], below[:, :, -n:]) if fits and above.dtype == prefix.dtype else None
-        # step 2: one buffer: the causal zero frames, the cached frames and this chunk along time; the rows of the
-        # neighbours above and below (zeros at the global edges) along height.
-        x = halo_pad(
-            x, state.group, dim=3, top=top, bottom=bottom, prefix=prefix, cat_dim=2, zero_front=front, prefix_halo=known
-        )
-        if remember:
-            # (b, c, k, top + rows + bottom, w) -> the halo rows of the last k frames: the next chunk's cache.
-            k = min(self.CACHE_T, x.shape[2] - front)
-            tail = x.narrow(2, x.shape[2] - k, k)
-            state.tails[self] = (tail.narrow(3, 0, top).clone(), tail.narrow(3, x.shape[3] - bottom, bottom).clone())
-        else:
-            state.tails.pop(self, None)
-        # step 3: convolve; the width padding is the convolution's own (zeros, symmetric), so it costs no copy.
-        return _conv(x, self.weight, self.bias, self.stride, (0, 0, w_pad), self.dilation, self.groups)
-
-
-class HaloZeroPad2d:
-    """The ``ZeroPad2d((0, 1, 0, 1))`` before a stride-2, 3-row, unpadded conv (Wan's and Qwen-Image's
-    downsample): width padding stays local; the bottom row is the first row of the rank below, and only the global
-    last rank pads with zeros. That one row is exactly the conv's inner halo (conv_halo(3, 2, 1, 0, 1) = (0, 1, 1))."""
-
-    _pv_state: SpatialState
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        left, right, top, bottom = self.padding
-        _check_aligned(x.shape[-2], 2, self._pv_state.group)
-        x = F.pad(x, (left, right, 0, 0))
-        return halo_rows(x, self._pv_state.group, top, bottom)
-
-
-class HaloDownsample2D:
-    """diffusers ``Downsample2D`` with ``use_conv`` and ``padding=0``: its ``F.pad(x, (0, 1, 0, 1))`` + 3x3
-    stride-2 conv. The bottom pad row becomes the first row of the rank below (zeros on the global last rank)."""
-
-    _pv_state: SpatialState
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        group = self._pv_state.group
-        x = hidden_states
-        conv = self.conv
-        x = F.pad(x, (0, 1, 0, 0), mode="constant", value=0)
-        x = halo_for_conv(x, group, conv.kernel_size[0], conv.stride[0], conv.dilation[0], 0, 1)
-        return conv(x)
-
-
-def halo_interpolate(x: torch.Tensor, group, scale: int, mode: str = "bilinear") -> torch.Tensor:
-    """forward: ``F.interpolate(x, scale_factor=scale, mode=mode, align_corners=False)`` of the whole tensor, this
-    rank's output rows (``scale`` x its input rows); backward: the same through the halo exchange.
-
-    A linear resize by an integer factor reads, for each output row, the input row it falls in and one neighbour
-    (clamped at the global edges). One halo row each side (replicate at the global edges, which is the clamp) gives
-    every output row of this rank its inputs; the padded rows' outputs are cropped. Nearest is local and needs none.
-    """
-    if mode == "nearest":
-        return F.interpolate(x, scale_factor=scale, mode=mode)
-    if mode not in ("bilinear", "linear", "trilinear", "bicubic"):
-        raise NotImplementedError(f"resize mode {mode!r}")
-    reach = 2 if mode == "bicubic" else 1
-    spec = (("replicate", reach, 0.0),)
-    padded = halo_rows(x, group, reach, reach, reach, spec, spec)
-    factors = [1] * (x.dim() - 4) + [scale, scale] if mode != "bilinear" or x.dim() == 4 else [1, scale, scale]
-    out = F.interpolate(padded, scale_factor=factors if x.dim() > 4 else scale, mode=mode, align_corners=False)
-    return out.narrow(-2, reach * scale, x.shape[-2] * scale)
 
 
 def conv_treatment(name: str, m: nn.Module) -> Optional[Treatment]:

@@ -44,7 +44,7 @@ class SpatialState:
         self.factor = factor
         self.adapter = adapter  # the family adapter (parallel_vae.families), read by the public API
         # Per causal conv: the halo rows of the last frames of its input, remembered between the chunks of one
-        # inference pass (see HaloCausalConv). Weak keys: a module that is gone takes its rows with it.
+        # inference pass (see parallel_vae.layers.causal_cache_conv). Weak keys: a module that is gone takes its rows with it.
         self.tails: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
     def __deepcopy__(self, memo):

@@ -28,7 +28,8 @@ from diffusers.models.unets.unet_2d_blocks import DownEncoderBlock2D, UNetMidBlo
 from diffusers.models.upsampling import Upsample2D
 
 from ..core.attention import ShardedAttention, check_pixel_attention
-from ..core.halo import HaloDownsample2D, conv_treatment
+from ..core.halo import conv_treatment
+from ..layers.pad_downsample import HaloDownsample2D
 from ..core.norm import ShardedGroupNorm
 from ..core.plan import Treatment, classify, original_class, sharded_class, unknown_module
 from .base import FamilyAdapter, scaling_shift_normalization

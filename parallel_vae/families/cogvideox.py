@@ -36,7 +36,7 @@ from diffusers.models.upsampling import CogVideoXUpsample3D
 from ..core.halo import HaloConv
 from ..core.norm import ShardedGroupNorm
 from ..core.plan import SpatialState, Treatment, classify, original_class, sharded_class, unknown_module
-from ..core.wrapped_conv import HaloBelowPaddedConv, HaloOwnForwardConv
+from ..layers.cogvideox_conv import HaloBelowPaddedConv, HaloOwnForwardConv
 from .base import FamilyAdapter, scaling_shift_normalization
 
 __all__ = ["CogVideoXAdapter", "RowLocalSpatialNorm", "ADAPTER"]

@@ -35,7 +35,7 @@ from diffusers.models.normalization import RMSNorm
 from diffusers.models.transformers.sana_transformer import GLUMBConv
 
 from ..core.halo import conv_treatment
-from ..core.linear_attention import ShardedMultiscaleLinearAttention
+from ..layers.linear_attention import ShardedMultiscaleLinearAttention
 from ..core.plan import Treatment, classify, original_class, sharded_class, unknown_module
 from .base import FamilyAdapter, scaling_shift_normalization
 

@@ -28,7 +28,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.autoencoders import autoencoder_kl_hunyuan_video as hv
 
 from ..core.attention import ShardedAttention, check_pixel_attention
-from ..core.halo import HaloPadConv
+from ..layers.pad_conv import HaloPadConv
 from ..core.norm import ShardedGroupNorm
 from ..core.plan import SpatialState, Treatment, classify, original_class, sharded_class, unknown_module
 from .base import FamilyAdapter, scaling_shift_normalization

@@ -31,7 +31,7 @@ import torch.nn as nn
 from diffusers.models.autoencoders import autoencoder_kl_hunyuanvideo15 as hv15
 
 from ..core.attention import frame_causal_sdpa
-from ..core.halo import HaloPadConv
+from ..layers.pad_conv import HaloPadConv
 from ..core.plan import SpatialState, Treatment, classify, original_class, sharded_class, unknown_module
 from .base import FamilyAdapter, scaling_shift_normalization
 

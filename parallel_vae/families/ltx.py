@@ -16,7 +16,7 @@ serves both; the class names differ.
 | ``LTX(2)VideoUpsampler3d`` (depth-to-space of the conv output, optional depth-to-space ``residual`` shortcut) | local (its conv is treated above) | output row j reads input row j // 2 |
 | encoder patchify / decoder unpatchify (``patch_size`` 4, ``patch_size_t`` 1) | local (in the encoder/decoder forward) | 4 pixel rows per patch row; a latent row is ``spatial_factor`` pixel rows |
 | ``RMSNorm`` (LTX-Video, applied channels-last), ``PerChannelRMSNorm`` (LTX-2, ``channel_dim`` 1), the resnet shortcut's ``nn.LayerNorm`` (channels-last, over its channels) | local | per pixel |
-| resnet blocks with ``inject_noise`` (decoder, LTX-Video 0.9.1) | ``ShardedNoiseResnet`` | diffusers adds ``torch.randn((H, W))`` over the whole frame; here every rank draws the whole frame's field the same way and keeps its rows of group rank 0's (``core.noise.frame_noise``) |
+| resnet blocks with ``inject_noise`` (decoder, LTX-Video 0.9.1) | ``ShardedNoiseResnet`` | diffusers adds ``torch.randn((H, W))`` over the whole frame; here every rank draws the whole frame's field the same way and keeps its rows of group rank 0's (``layers.ltx_noise.frame_noise``) |
 | resnet blocks without noise, down/mid/up blocks, encoder/decoder, ``nn.ModuleList`` | containers | they route tensors; their timestep modulation (``scale_shift_table``) is per channel and sample |
 | ``PixArtAlphaCombinedTimestepSizeEmbeddings`` and its ``Timesteps`` / ``TimestepEmbedding`` (``Linear``, SiLU): the timestep conditioning | local | per sample: no rows |
 | SiLU, dropout | local | per pixel |
@@ -44,7 +44,7 @@ from diffusers.models.embeddings import PixArtAlphaCombinedTimestepSizeEmbedding
 from diffusers.models.normalization import RMSNorm
 
 from ..core.halo import HaloConv
-from ..core.noise import frame_noise
+from ..layers.ltx_noise import frame_noise
 from ..core.plan import SpatialState, Treatment, classify, original_class, sharded_class, unknown_module
 from .base import FamilyAdapter
 
@@ -60,7 +60,7 @@ class ShardedNoiseResnet:
     """An LTX resnet block with decoder noise injection (``per_channel_scale1/2``) on row shards: diffusers' forward
     (LTX-Video's and LTX-2's, which differ only in how they call their norms and convs), except that each noise
     field is this rank's rows of the whole frame's ``torch.randn((H, W), generator=generator)``
-    (:func:`parallel_vae.core.noise.frame_noise`), not a field of the shard's own size."""
+    (:func:`parallel_vae.layers.ltx_noise.frame_noise`), not a field of the shard's own size."""
 
     _pv_state: SpatialState
 

@@ -49,7 +49,7 @@ from diffusers.models.autoencoders import autoencoder_kl_mochi as mochi
 from diffusers.models.autoencoders.autoencoder_kl_cogvideox import CogVideoXCausalConv3d, CogVideoXSafeConv3d
 from diffusers.models.normalization import LpNorm
 
-from ..core.cogvideox_conv import HaloReplicateCausalConv, replicate_causal_conv_is_local
+from ..layers.replicate_causal_conv import HaloReplicateCausalConv, replicate_causal_conv_is_local
 from ..core.norm import distributed_group_norm
 from ..core.plan import SpatialState, Treatment, classify, original_class, sharded_class, unknown_module
 from .base import FamilyAdapter, mean_std_normalization

@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from diffusers.models.autoencoders import autoencoder_kl_wan as wan
 
 from ..core.attention import sharded_sdpa
-from ..core.halo import HaloCausalConv, HaloConv, HaloZeroPad2d
+from ..core.halo import HaloConv
+from ..layers.causal_cache_conv import HaloCausalConv, disable_cache_checkpointing, enable_cache_checkpointing
+from ..layers.pad_downsample import HaloZeroPad2d
 from ..core.plan import SpatialState, Treatment, classify, original_class, sharded_class, unknown_module
 from .base import FamilyAdapter, mean_std_normalization
 
@@ -162,13 +164,9 @@ class CausalCacheAdapter(FamilyAdapter):
 
     def enable_checkpointing(self, vae) -> None:
         # diffusers marks these classes as not supporting checkpointing (their blocks mutate a shared cache list)
-        from ..checkpointing import enable_cache_checkpointing
-
         enable_cache_checkpointing(self.checkpointed_blocks(vae))
 
     def disable_checkpointing(self, vae) -> None:
-        from ..checkpointing import disable_cache_checkpointing
-
         disable_cache_checkpointing(self.checkpointed_blocks(vae))
 
     def denormalize(self, vae, z):

@@ -43,7 +43,6 @@ class HybridLayout:
     sp_rank: int
     dp_rank: int
     spatial_group: Optional[dist.ProcessGroup]
-    data_group: Optional[dist.ProcessGroup]
 
     def describe(self) -> dict:
         return {
@@ -66,17 +65,14 @@ def hybrid_layout(sp_degree: int) -> HybridLayout:
         divisors = [d for d in range(1, world + 1) if world % d == 0]
         raise ValueError(f"--sp_degree {sp_degree} does not divide the world size {world}; use one of {divisors}")
     dp = world // sp_degree
-    spatial = data = None
+    # No data-parallel groups: DDP and DeepSpeed reduce gradients over the whole world (see sharded_loss).
+    spatial = None
     if dist.is_initialized():
         for d in range(dp):
             g = dist.new_group(list(range(d * sp_degree, (d + 1) * sp_degree)))
             if rank // sp_degree == d:
                 spatial = g
-        for s in range(sp_degree):
-            g = dist.new_group(list(range(s, world, sp_degree)))
-            if rank % sp_degree == s:
-                data = g
-    return HybridLayout(world, sp_degree, dp, rank, rank % sp_degree, rank // sp_degree, spatial, data)
+    return HybridLayout(world, sp_degree, dp, rank, rank % sp_degree, rank // sp_degree, spatial)
 
 
 class ShardedAutoencoder(nn.Module):

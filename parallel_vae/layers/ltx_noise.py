@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from .comm import _broadcast, all_gather_sizes, group_rank, group_size
+from ..core.comm import _broadcast, all_gather_sizes, group_rank, group_size
 
 __all__ = ["frame_noise"]
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .halo import halo_for_conv
-from .plan import SpatialState
+from ..core.halo import halo_for_conv
+from ..core.plan import SpatialState
 
 __all__ = ["HaloReplicateCausalConv", "replicate_causal_conv_is_local"]
 

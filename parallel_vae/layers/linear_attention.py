@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import SanaMultiscaleAttnProcessor2_0
 
-from .comm import _all_reduce_sum, group_size
+from ..core.comm import _all_reduce_sum, group_size
 
 __all__ = [
     "all_reduce_summaries",

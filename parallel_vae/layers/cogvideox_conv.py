@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .halo import _conv, corrected_conv, halo_for_conv
-from .plan import SpatialState
+from ..core.halo import _conv, corrected_conv, halo_for_conv
+from ..core.plan import SpatialState
 
 __all__ = ["HaloOwnForwardConv", "HaloBelowPaddedConv"]
 

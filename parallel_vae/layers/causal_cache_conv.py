@@ -1,0 +1,119 @@
+"""Causal 3-D convs with a frame cache (``WanCausalConv3d``, ``QwenImageCausalConv3d``) on row shards.
+
+The halo is exchanged after the cached frames are concatenated along time, so it covers them too; in inference the
+cached frames' halo rows are remembered from the previous chunk instead of being sent again.
+
+Activation checkpointing of the blocks that hold these convs (``enable_cache_checkpointing``): diffusers marks
+``AutoencoderKLWan`` as not supporting gradient checkpointing, and a naive ``checkpoint(block, x, feat_cache,
+feat_idx)`` is wrong: the block mutates the shared ``feat_cache`` list and ``feat_idx`` counter in place,
+so the recomputation during backward would read the caches of a *later* chunk. Here each checkpointed block runs
+on a private copy of the cache list taken at the call (a snapshot of references, no tensor copies), and returns the
+updated cache entries as outputs of the checkpointed region; the caller's list and counter are updated from them.
+The recomputation therefore sees exactly the inputs of the original call.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from ..core.comm import halo_pad
+from ..core.halo import _conv
+from ..core.plan import SpatialState
+
+__all__ = ["HaloCausalConv", "enable_cache_checkpointing", "disable_cache_checkpointing"]
+
+
+class HaloCausalConv:
+    """A causal 3-D conv with a frame cache (``WanCausalConv3d``, ``QwenImageCausalConv3d``: ``_padding`` =
+    (w, w, h, h, t, 0), zero padding, ``forward(x, cache_x)``): the rows above and below come from the neighbours.
+
+    The halo covers the cached frames too. Their halo rows travelled with the previous chunk (the cache is the
+    tail of this conv's previous input), so without autograd they are remembered and not sent again.
+    """
+
+    _pv_state: SpatialState
+    CACHE_T = 2  # frames the diffusers encoders/decoders keep per causal conv (both families' CACHE_T)
+
+    def forward(self, x, cache_x=None) -> torch.Tensor:
+        w_pad, _, top, bottom, front, _ = self._padding
+        state = self._pv_state
+        kh, sh = self.kernel_size[1], self.stride[1]
+        if kh != 2 * top + 1 or top != bottom or sh != 1:
+            raise NotImplementedError(f"causal conv with row kernel {kh}, padding {top}/{bottom}, stride {sh}")
+        prefix = None
+        if cache_x is not None and front > 0:
+            prefix = cache_x.to(x.device)
+            front -= prefix.shape[2]
+            if front < 0:
+                raise RuntimeError(f"a cache of {prefix.shape[2]} frames is longer than the causal padding")
+        # step 1: which halo rows are known. diffusers' encoder and decoder build every conv's cache as the last
+        # CACHE_T frames of that conv's input stream (the previous chunk, or the one before and the previous),
+        # and clear the caches at the first chunk (cache None), which resets what is remembered here. All ranks
+        # run the same calls with the same shapes (bar the rows), so they decide alike and the sends pair up.
+        # With autograd on, nothing is remembered: gradient checkpointing re-runs chunks out of order.
+        remember = not torch.is_grad_enabled()
+        known = state.tails.get(self) if remember and prefix is not None else None
+        if known is not None:
+            n = prefix.shape[2]
+            above, below = known
+            fits = above.shape[2] >= n and above.shape[:2] == prefix.shape[:2] and above.shape[4] == prefix.shape[4]
+            known = (above[:, :, -n:], below[:, :, -n:]) if fits and above.dtype == prefix.dtype else None
+        # step 2: one buffer: the causal zero frames, the cached frames and this chunk along time; the rows of the
+        # neighbours above and below (zeros at the global edges) along height.
+        x = halo_pad(
+            x, state.group, dim=3, top=top, bottom=bottom, prefix=prefix, cat_dim=2, zero_front=front, prefix_halo=known
+        )
+        if remember:
+            # (b, c, k, top + rows + bottom, w) -> the halo rows of the last k frames: the next chunk's cache.
+            k = min(self.CACHE_T, x.shape[2] - front)
+            tail = x.narrow(2, x.shape[2] - k, k)
+            state.tails[self] = (tail.narrow(3, 0, top).clone(), tail.narrow(3, x.shape[3] - bottom, bottom).clone())
+        else:
+            state.tails.pop(self, None)
+        # step 3: convolve; the width padding is the convolution's own (zeros, symmetric), so it costs no copy.
+        return _conv(x, self.weight, self.bias, self.stride, (0, 0, w_pad), self.dilation, self.groups)
+
+
+_FLAG = "_pv_checkpointed"
+
+
+def _checkpointed_forward(block: nn.Module, x, feat_cache=None, feat_idx=None, *args, **kwargs):
+    # Wan passes the cache by keyword, Qwen-Image positionally (x, feat_cache, feat_idx): both bind here.
+    forward = type(block).forward  # the class's own forward; this function is the instance's override
+    if not torch.is_grad_enabled():
+        if feat_cache is None:
+            return forward(block, x, *args, **kwargs)
+        return forward(block, x, *args, feat_cache=feat_cache, feat_idx=feat_idx, **kwargs)
+    if feat_cache is None:
+        return checkpoint(forward, block, x, *args, use_reentrant=False, **kwargs)
+    snapshot = list(feat_cache)  # references only: the recomputation must see this call's caches
+    start = feat_idx[0]
+
+    def run(x):
+        cache, idx = list(snapshot), [start]
+        out = forward(block, x, *args, feat_cache=cache, feat_idx=idx, **kwargs)
+        return out, cache, idx[0]
+
+    out, cache, end = checkpoint(run, x, use_reentrant=False)
+    feat_cache[:] = cache
+    feat_idx[0] = end
+    return out
+
+
+def enable_cache_checkpointing(blocks: list[tuple[str, nn.Module]]) -> None:
+    """Checkpoint each block, whose forward takes ``feat_cache``/``feat_idx`` (Wan-style), with the cache snapshot."""
+    for _, block in blocks:
+        if not block.__dict__.get(_FLAG):
+            # An instance attribute shadows the class's forward; partial (not a bound method) deep-copies cleanly.
+            block.forward = functools.partial(_checkpointed_forward, block)
+            block.__dict__[_FLAG] = True
+
+
+def disable_cache_checkpointing(blocks: list[tuple[str, nn.Module]]) -> None:
+    for _, block in blocks:
+        if block.__dict__.pop(_FLAG, False):
+            block.__dict__.pop("forward", None)
