@@ -211,6 +211,13 @@ def check(case: FCase, res: dict, ref: dict, truth: Optional[dict] = None) -> di
     if case.grads and case.dtype == "float64":
         errs["x_grad"] = rel_err(res["x_grad"], ref["x_grad"])
     for k, e in errs.items():
+        if e > bar and truth is not None and case.dtype != "float64":
+            # Two float32 roundings of one function can differ by more than 1e-5 where the unmodified float32
+            # model is itself ~1e-5 from the float64 truth (Mochi: 9.74e-6). Then the parallel model must be no
+            # farther from the truth than the unmodified one is (no slack): as accurate, in another rounding.
+            own, ours = rel_err(ref[k], truth[k]), rel_err(res[k], truth[k])
+            assert ours <= max(bar, own), f"{case.id}: {k} {ours:.3e} from the float64 truth > unmodified {own:.3e}"
+            continue
         assert e <= bar, f"{case.id}: {k} rel err {e:.3e} > {bar:.0e}"
     if case.grads and case.dtype != "float64":
         # float32 input gradients through GroupNorm + attention: the unmodified float32 model is itself 1.1e-5 from
