@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 import parallel_vae as pv
 from parallel_vae.jobs.models import build_wan_vae
+from tests.float64_internals import float64_internals_if
 
 WIDTH = {"wan2.1": dict(base_dim=8, z_dim=4), "wan2.2": dict(base_dim=8, z_dim=4)}
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -52,7 +53,10 @@ class Case:
 
 
 def make_model(layout: str, dtype: torch.dtype):
-    return build_wan_vae(layout, seed=1234, dtype=dtype, perturb=0.05, **WIDTH[layout])
+    """The seeded model of ``layout``; float64 models compute their float32-inside upsamples in float64
+    (tests/float64_internals.py)."""
+    vae = build_wan_vae(layout, seed=1234, dtype=dtype, perturb=0.05, **WIDTH[layout])
+    return float64_internals_if(vae, dtype)
 
 
 def pixel_shape(case: Case):

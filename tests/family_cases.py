@@ -22,6 +22,7 @@ import parallel_vae as pv
 from parallel_vae.families import adapter_for
 from parallel_vae.jobs.models import build_seeded_vae
 from tests.cases import BARS, DTYPES, PARAM_GRAD_SLACK, rel_err
+from tests.float64_internals import float64_internals_if
 
 
 @dataclass(frozen=True)
@@ -59,10 +60,13 @@ class FCase:
 
 
 def make_model(case: FCase, dtype: torch.dtype):
-    return build_seeded_vae(
+    """The case's seeded model; float64 models compute diffusers' float32-inside upsamples (Wan-style layouts) in
+    float64 (tests/float64_internals.py)."""
+    vae = build_seeded_vae(
         case.layout, width=case.width, latent=case.latent, seed=1234, dtype=dtype, perturb=0.05,
         overrides=dict(case.overrides or ()),
     )
+    return float64_internals_if(vae, dtype)
 
 
 def make_inputs(case: FCase, vae, dtype: torch.dtype, seed: int = 7):

@@ -24,6 +24,7 @@ CASES = [
     FCase("sd", "float64", "sharded", latent_h=7, world=3),
     FCase("flux1", "float64", "sharded", latent_h=5, world=4, checkpointing=True),
     FCase("sd", "float32", "replicated", latent_h=3, world=3),
+    FCase("sd", "float64", "replicated", latent_h=7, world=3),  # encode + decode in one graph, 3/2/2, GroupNorm
     FCase("sd3", "float64", "replicated", latent_h=3, world=4, groups=((2, 3),)),
     # Flux.2
     FCase("flux2", "float64", "sharded", latent_h=3, world=2, batch=2),

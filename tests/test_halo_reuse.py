@@ -15,10 +15,11 @@ import parallel_vae as pv
 from parallel_vae.core.comm import count_traffic
 from parallel_vae.jobs.models import build_wan_vae
 from tests.dist_harness import run_ranks, values
+from tests.float64_internals import float64_internals
 
 
 def _model_and_video(layout: str, latent_h: int, frames: int):
-    vae = build_wan_vae(layout, base_dim=8, z_dim=4, seed=3, dtype=torch.float64, perturb=0.05)
+    vae = float64_internals(build_wan_vae(layout, base_dim=8, z_dim=4, seed=3, dtype=torch.float64, perturb=0.05))
     f = pv.spatial_factor(vae)
     g = torch.Generator().manual_seed(5)
     x = torch.rand(1, 3, frames, latent_h * f, 3 * f, generator=g, dtype=torch.float64) * 2 - 1

@@ -10,6 +10,7 @@ import functools
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import parallel_vae as pv
 from tests.cases import (
@@ -24,6 +25,9 @@ from tests.cases import (
     worst_grad_err,
 )
 from tests.dist_harness import run_ranks, values
+from tests.family_cases import FCase
+from tests.family_cases import make_model as make_family_model
+from tests.float64_internals import FLOAT32_UPSAMPLES, float64_internals
 
 CASES = [
     # world 2: even (4 -> 2/2) and uneven (3 -> 2/1) heights, both layouts, both modes, batch 2, float32
@@ -41,6 +45,9 @@ CASES = [
     Case("wan2.1", "float64", "replicated", latent_h=7, latent_w=2, world=3),
     Case("wan2.2", "float64", "sharded", latent_h=7, latent_w=2, world=3),
     Case("wan2.1", "float32", "sharded", latent_h=3, world=3, batch=2),
+    # encode and decode in one graph, replicated, 7 x 5 latent rows (112 x 80 pixels) split 3/2/2: where a run
+    # once read 2e-9 against diffusers' float32-inside upsample (tests/float64_internals.py explains it)
+    Case("wan2.2", "float64", "replicated", latent_h=7, latent_w=5, world=3),
     # world 4: whole world, a subgroup of the last two ranks, two groups of two at once
     Case("wan2.1", "float64", "sharded", latent_h=5, latent_w=2, world=4),
     Case("wan2.2", "float64", "replicated", latent_h=4, latent_w=2, world=4),
@@ -131,3 +138,38 @@ def test_world_one_is_the_unmodified_model():
     assert torch.equal(z, ref["z"]) and torch.equal(out, ref["out"]) and torch.equal(x.grad, ref["x_grad"])
     for n, p in vae.named_parameters():
         assert torch.equal(p.grad, ref["grads"][n]), n
+
+
+def test_float64_upsample_is_float32_inside():
+    """Why the float64 models compute Wan's and Qwen-Image's upsample in float64 (tests/float64_internals.py).
+
+    diffusers' own upsample, in a float64 model, rounds its activations to float32, and two float64 gradients 2 ulps
+    apart across a float32 rounding midpoint come out of its backward one float32 ulp apart (2**-23 at 1): a
+    difference of rounding made 10**8 times larger. Computed in float64 they stay 2 float64 ulps apart. If diffusers
+    computes these in the model's dtype one day, the first assertions fail and the helper can go."""
+    mid = torch.tensor(1 + 2.0**-24, dtype=torch.float64)  # halfway between the float32 values 1 and 1 + 2**-23
+    pair = [torch.nextafter(mid, torch.tensor(t, dtype=torch.float64)).item() for t in (0.0, 2.0)]
+    x = torch.randn(1, 2, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    exact = F.interpolate(x, scale_factor=2, mode="nearest-exact")
+
+    def measure(up):
+        grads = []
+        for v in pair:
+            g = torch.zeros_like(exact)
+            g[0, 0, 0, 0] = v
+            grads.append(torch.autograd.grad(up(x), x, g)[0])
+        return (grads[1] - grads[0]).abs().max().item(), (up(x) - exact).abs().max().item()
+
+    for cls in FLOAT32_UPSAMPLES:
+        up = cls(scale_factor=(2.0, 2.0), mode="nearest-exact")
+        jump, forward_err = measure(up)
+        assert jump == 2.0**-23 and forward_err > 1e-9, (cls.__name__, jump, forward_err)
+        jump, forward_err = measure(float64_internals(up))
+        assert jump == pair[1] - pair[0] == 2.0**-51 and forward_err == 0, (cls.__name__, jump, forward_err)
+    # the parity models carry it in float64, and only there
+    models = [make_model("wan2.1", torch.float64), make_model("wan2.2", torch.float64)]
+    models.append(make_family_model(FCase("qwenimage"), torch.float64))
+    for vae in models:
+        ups = [m for m in vae.modules() if type(m) in FLOAT32_UPSAMPLES]
+        assert ups and all("forward" in m.__dict__ for m in ups)
+    assert not any("forward" in m.__dict__ for m in make_model("wan2.2", torch.float32).modules())

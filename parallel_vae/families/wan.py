@@ -97,7 +97,10 @@ _MODES = ("none", "upsample2d", "upsample3d", "downsample2d", "downsample3d")
 # Modules that act per pixel (channels, time, or within a row pair that shards keep together): no change.
 _LOCAL = (
     wan.WanRMS_norm,
-    wan.WanUpsample,  # nearest-exact 2x: output row j reads input row j // 2, always local
+    # nearest-exact 2x: output row j reads input row j // 2, always local. diffusers computes it in float32 even in
+    # a float64 model (forward and backward round to float32); kept as it is, so shards round as the whole frame
+    # does. The float64 tests compute it in float64 on both sides (tests/float64_internals.py says why).
+    wan.WanUpsample,
     wan.AvgDown3D,  # 2x2 spatial blocks; shards start on even rows
     wan.DupUp3D,
     nn.SiLU,
