@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+from ._deps import check_diffusers
 from .core.comm import _all_gather_single, gather_rows, group_rank, group_size, scatter_rows
 from .core.fake import group_split, is_fake, record_split
 from .core.plan import SpatialState, apply_plan, remove_plan
@@ -82,6 +83,7 @@ def enable_spatial_parallelism(vae, group: Optional[dist.ProcessGroup] = None, *
     :func:`disable_spatial_parallelism` to restore the original behaviour.
     """
     adapter = adapter_for(vae)  # a TypeError naming the supported classes
+    check_diffusers()  # a warning outside the tested diffusers range
     if is_spatially_parallel(vae):
         raise RuntimeError("spatial parallelism is already enabled on this model; disable it first")
     if group is None and dist.is_available() and dist.is_initialized():

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+from ._deps import import_optional
 from .api import (
     gather_shards,
     is_spatially_parallel,
@@ -34,7 +35,7 @@ def _chunk_progress(module: torch.nn.Module, total: int, desc: str, enabled: boo
     if not enabled:
         yield
         return
-    from tqdm.auto import tqdm
+    tqdm = import_optional("tqdm.auto", "recipes", "progress=True").tqdm
 
     bar = tqdm(total=total, desc=desc, unit="chunk", leave=False)
 

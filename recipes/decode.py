@@ -192,6 +192,9 @@ def main(argv=None) -> int:
     parser = build_parser()
     if help_requested(argv):
         return print_help_once(parser)
+    from parallel_vae._deps import require_extra
+
+    require_extra("recipes", "recipes/decode.py")
     from parallel_vae.jobs.decode_job import run_decode
     from parallel_vae.jobs.runtime import run_recipe
 

@@ -41,6 +41,11 @@ def main(argv=None) -> int:
     parser = build_parser()
     if help_requested(argv):
         return print_help_once(parser)
+    from parallel_vae._deps import require_extra
+
+    require_extra("recipes", "recipes/finetune.py")
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":  # accelerate launch with a DeepSpeed config
+        require_extra("train", "recipes/finetune.py under DeepSpeed")
     from parallel_vae.jobs.finetune_job import accelerator_kwargs, run_finetune
     from parallel_vae.jobs.runtime import run_recipe
 

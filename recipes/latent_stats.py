@@ -24,6 +24,7 @@ except ImportError:  # run from a checkout without installing
 
 import torch  # noqa: E402
 
+from parallel_vae._deps import require_extra  # noqa: E402
 from parallel_vae.jobs._files import atomic_path  # noqa: E402
 from parallel_vae.jobs.data import make_dataset  # noqa: E402
 from parallel_vae.errors import InputError  # noqa: E402
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
+    require_extra("recipes", "recipes/latent_stats.py")
     if args.threads:
         torch.set_num_threads(args.threads)
     config_path = os.path.join(args.pretrained, "config.json")
