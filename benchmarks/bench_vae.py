@@ -52,7 +52,8 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Exactness bars of DESIGN.md (max |parallel - baseline| / max |baseline|); bf16/fp16 are reported, not judged.
+# Exactness bars of docs/how-it-works.md (max |parallel - baseline| / max |baseline|); bf16/fp16 are reported,
+# not judged.
 _TOLERANCE = {"float32": 1e-5, "float64": 1e-10}
 
 

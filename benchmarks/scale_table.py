@@ -19,7 +19,7 @@ A time PROJECTION follows, labelled as one: FLOPs per rank / a throughput, plus 
 plus a per-exchange latency x exchange count, not overlapped. Throughputs: the CPU's, measured in this invocation
 on a small real decode, and the one the reference's single-GPU time implies for our FLOP count.
 
-    python benchmarks/scale_table.py                         # the README tables (~960 s of CPU: ~8 min on 2 idle cores)
+    python benchmarks/scale_table.py                         # the docs/benchmarks.md tables (~960 s of CPU: ~8 min on 2 idle cores)
     python benchmarks/scale_table.py --only headline --worlds 1,2,4,8
     python benchmarks/scale_table.py --only families --families wan,hunyuanvideo
     python benchmarks/scale_table.py --report_to wandb

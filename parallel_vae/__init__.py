@@ -1,7 +1,7 @@
 """parallel_vae: exact, differentiable, spatially parallel diffusers VAEs (Wan, Qwen-Image, HunyuanVideo,
 HunyuanVideo-1.5, AutoencoderKL, Flux.2; ``parallel_vae.families.FAMILIES``).
 
-Public API (see README.md):
+Public API (see README.md and docs/api.md):
 
 * :func:`enable_spatial_parallelism` / :func:`disable_spatial_parallelism`: in place on an unmodified model.
 * replicated mode: ``vae.encode(x)`` / ``vae.decode(z)`` with full inputs on every rank of the group.

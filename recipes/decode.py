@@ -17,8 +17,8 @@ noisy) with
 
     accelerate launch --config_file accelerate_configs/cpu_2proc.yaml benchmarks/decode_threshold.py
 
-which times a 1-process decode against a 2-process sharded decode of the same latents (README, "Decoding videos",
-gives the same numbers):
+which times a 1-process decode against a 2-process sharded decode of the same latents (docs/recipes.md,
+"Decoding videos and images", gives the same numbers):
 
 {THRESHOLD_TABLE}
 

@@ -155,7 +155,7 @@ def run_cases(rank: int, world: int, cases: list):
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| / max |b| (DESIGN.md's exactness measure)."""
+    """max |a - b| / max |b| (docs/how-it-works.md, "Exactness bars")."""
     a, b = a.double(), b.double()
     denom = b.abs().max().item()
     return (a - b).abs().max().item() / (denom if denom > 0 else 1.0)

@@ -208,8 +208,8 @@ def worst(errs: dict) -> tuple[float, str]:
 
 
 def check(case: FCase, res: dict, ref: dict, truth: Optional[dict] = None) -> dict:
-    """DESIGN.md's bars against the unmodified model; float32 parameter gradients against the float64 ``truth``
-    (no farther than PARAM_GRAD_SLACK x the unmodified float32 model's own distance, see tests/cases.py)."""
+    """the bars of docs/how-it-works.md against the unmodified model; float32 parameter gradients against the float64
+    ``truth`` (no farther than PARAM_GRAD_SLACK x the unmodified float32 model's own distance, see tests/cases.py)."""
     bar = BARS[case.dtype]
     errs = {"z": rel_err(res["z"], ref["z"]), "out": rel_err(res["out"], ref["out"])}
     if case.grads and case.dtype == "float64":

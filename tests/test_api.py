@@ -175,8 +175,8 @@ def _bf16_worker(rank, world, z):
 
 @pytest.mark.timeout(180)
 def test_bf16_no_worse_than_single_process_bf16():
-    """DESIGN.md: in bf16, the parallel model's error against float32 is no worse than the single-process bf16
-    model's own error against float32."""
+    """docs/how-it-works.md, "Exactness bars": in bf16, the parallel model's error against float32 is no worse than the
+    single-process bf16 model's own error against float32."""
     torch.manual_seed(3)
     z = torch.randn(1, 4, 2, 5, 4)
     ref32 = make_model("wan2.1", torch.float32).decode(z).sample

@@ -2,10 +2,10 @@
 
 * Parity (tests/family_cases.py machinery, seeded CogVideoX-2b layout at width 8 with 16 latent channels, every
   parameter perturbed so no norm affine is trivial): latents, outputs, input gradients and summed parameter
-  gradients within DESIGN.md's bars at worlds 2 and 3, uneven splits (3 latent rows on 2 ranks, 7 on 3 and 4 on 3),
-  replicated and sharded, batch 2, diffusers' own activation checkpointing, float32. 17 frames run the class's own
-  frame batching in both directions (encoder batches of 9 + 8 frames, decoder batches of 3 + 2 latent frames),
-  so the conv caches carry rows across batches.
+  gradients within the bars of docs/how-it-works.md at worlds 2 and 3, uneven splits (3 latent rows on 2 ranks, 7 on 3
+  and 4 on 3), replicated and sharded, batch 2, diffusers' own activation checkpointing, float32. 17 frames run the
+  class's own frame batching in both directions (encoder batches of 9 + 8 frames, decoder batches of 3 + 2 latent
+  frames), so the conv caches carry rows across batches.
 * Each rank's decoder computes its own rows only, and every spatial norm is conditioned on this rank's own latent
   rows (never a gathered ``zq``).
 * ``HaloOwnForwardConv`` around a conv whose own forward splits along time, with a different number of chunks on

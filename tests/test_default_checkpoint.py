@@ -4,7 +4,7 @@ recipes load by default, and a VAE that reconstructs video.
 The quality bars guard against a missing, truncated, mis-saved or collapsed checkpoint. A VAE that ignores its
 input and outputs each clip's mean colour scores 12.06 dB / SSIM 0.009 on the demo clip and 15.94 dB on the
 held-out 9x64x64 clips. The bars sit well above that and a little below what the shipped checkpoint measured with
-``python benchmarks/eval_vae_quality.py`` (README, "The embedded default checkpoint").
+``python benchmarks/eval_vae_quality.py`` (docs/recipes.md, "The embedded default checkpoint").
 """
 
 from __future__ import annotations

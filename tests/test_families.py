@@ -1,7 +1,7 @@
 """Every family beyond Wan against the unmodified diffusers model: outputs, input gradients and summed parameter
-gradients within DESIGN.md's bars, at worlds 2-4, uneven splits (7 latent rows on 3 ranks), batch 2, both modes, a
-subgroup, activation checkpointing, and non-trivial norm affines (every parameter perturbed); each rank computes
-only its own rows; bad input gives one clear error on every rank.
+gradients within the bars of docs/how-it-works.md, at worlds 2-4, uneven splits (7 latent rows on 3 ranks), batch 2,
+both modes, a subgroup, activation checkpointing, and non-trivial norm affines (every parameter perturbed); each rank
+computes only its own rows; bad input gives one clear error on every rank.
 
 Families with their own test file (HunyuanVideo, HunyuanVideo-1.5) add their cases there with the same machinery.
 """

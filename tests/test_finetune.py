@@ -46,7 +46,7 @@ def _initial() -> dict:
 
 def _update_errs(folder: str, ref_folder: str) -> dict:
     """Update = weights after the step - initial weights. Returns the worst per-parameter max-abs relative error
-    (DESIGN.md's measure) with its parameter, and the relative L2 error of the whole update vector."""
+    (docs/how-it-works.md's measure) with its parameter, and the relative L2 error of the whole update vector."""
     init, ref, got = _initial(), _weights(ref_folder), _weights(folder)
     worst, name, num, den = 0.0, "", 0.0, 0.0
     for k in init:

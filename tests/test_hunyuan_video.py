@@ -1,11 +1,11 @@
 """HunyuanVideo (``AutoencoderKLHunyuanVideo``) against the unmodified diffusers model.
 
 * Parity (tests/family_cases.py machinery): outputs, input gradients and summed parameter gradients within
-  DESIGN.md's bars at worlds 2-4, 7 latent rows on 3 ranks (3/2/2), one latent row per rank, batch 2, replicated
-  and sharded, a subgroup, activation checkpointing, float32. diffusers' framewise (temporal tiled) encode and
-  decode run in the true default configuration (17 frames: tiles of 16 + 1 frames, stride 12) and with smaller
-  tiles (8 + 1, stride 4) set identically on the reference and the parallel model (more tile boundaries, fewer
-  frames); each case checks that the reference really took the path it is meant to.
+  the bars of docs/how-it-works.md at worlds 2-4, 7 latent rows on 3 ranks (3/2/2), one latent row per rank, batch 2,
+  replicated and sharded, a subgroup, activation checkpointing, float32. diffusers' framewise (temporal tiled) encode
+  and decode run in the true default configuration (17 frames: tiles of 16 + 1 frames, stride 12) and with smaller tiles
+  (8 + 1, stride 4) set identically on the reference and the parallel model (more tile boundaries, fewer frames); each
+  case checks that the reference really took the path it is meant to.
 * Activation checkpointing (diffusers' own): halo convs inside checkpointed blocks are recomputed in backward on
   every rank alike, and the gradients equal those without checkpointing.
 * The mid block alone (its frame-causal attention over 4 frames): exact against diffusers' masked mid block in the

@@ -1,10 +1,10 @@
 """HunyuanVideo-1.5 (``AutoencoderKLHunyuanVideo15``) against the unmodified diffusers model.
 
-Outputs, latents, input gradients and summed parameter gradients within DESIGN.md's bars at worlds 2-4, an uneven
-split (7 latent rows on 3 ranks: 3/2/2), batch 2, both modes, a subgroup, activation checkpointing, float32, and
-2-3 latent frames, so the mid blocks' frame-causal attention has frames that must not see later ones. The attention
-block alone is checked against diffusers' masked forward (forward and gradients), and the queries each rank sends
-to SDPA are its own rows only, without a mask. Bad input gives one ``ShardingError``, the same on every rank.
+Outputs, latents, input gradients and summed parameter gradients within the bars of docs/how-it-works.md at worlds 2-4,
+an uneven split (7 latent rows on 3 ranks: 3/2/2), batch 2, both modes, a subgroup, activation checkpointing, float32,
+and 2-3 latent frames, so the mid blocks' frame-causal attention has frames that must not see later ones. The attention
+block alone is checked against diffusers' masked forward (forward and gradients), and the queries each rank sends to
+SDPA are its own rows only, without a mask. Bad input gives one ``ShardingError``, the same on every rank.
 
 References: the unmodified model, one sample at a time for batches (its attention block cannot run a batch, see
 ``_reference_of``). float32 parameter gradients are held to the float64 truth against the unmodified model run on

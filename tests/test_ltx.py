@@ -1,8 +1,8 @@
 """LTX-Video (``AutoencoderKLLTXVideo``) and LTX-2 (``AutoencoderKLLTX2Video``) against the unmodified diffusers model.
 
 * Parity (tests/family_cases.py machinery): latents, outputs, input gradients and summed parameter gradients within
-  DESIGN.md's bars, at worlds 2 and 3 with uneven splits (3 latent rows on 2 ranks: 2/1; 4 on 3: 2/1/1; 3 on 3),
-  replicated and sharded, every parameter perturbed (the LayerNorm affines, biases and timestep tables are not
+  the bars of docs/how-it-works.md, at worlds 2 and 3 with uneven splits (3 latent rows on 2 ranks: 2/1; 4 on 3: 2/1/1;
+  3 on 3), replicated and sharded, every parameter perturbed (the LayerNorm affines, biases and timestep tables are not
   their initial values), diffusers' own activation checkpointing, and float32.
 * The default configurations (``SEEDED_LAYOUTS`` "ltxvideo" = LTX-Video 0.9.0 = diffusers' default, "ltx2" = the
   released LTX-2 VAE, and LTX-2's class default with its causal decoder), and the layer kinds of the later released LTX-Video VAEs at fewer layers per block: 0.9.1 (decoder noise

@@ -1,12 +1,12 @@
 """Mochi (``AutoencoderKLMochi``) against the unmodified diffusers model.
 
 * Parity (tests/family_cases.py's cases and checks): latents, reconstruction, input gradients and summed parameter
-  gradients within DESIGN.md's bars at worlds 2 and 3 with uneven splits (3 latent rows on 2 ranks, 4 and 5 on 3),
-  replicated and sharded, activation checkpointing (diffusers' own), float32, every parameter perturbed
-  (GroupNorm affines not 1 / 0). The model is the real Mochi-1 layout (attention in the encoder's three down blocks
-  and ``block_out``, 3/3/4/6/3 resnets, 6x temporal and 8x spatial compression, 12 latent channels) at the smallest
-  width diffusers allows (32: its GroupNorms have 32 groups). 7 frames (1 + 6) give every attention block more than
-  one frame and every down block's conv a real temporal stride.
+  gradients within the bars of docs/how-it-works.md at worlds 2 and 3 with uneven splits (3 latent rows on 2 ranks, 4
+  and 5 on 3), replicated and sharded, activation checkpointing (diffusers' own), float32, every parameter perturbed
+  (GroupNorm affines not 1 / 0). The model is the real Mochi-1 layout (attention in the encoder's three down blocks and
+  ``block_out``, 3/3/4/6/3 resnets, 6x temporal and 8x spatial compression, 12 latent channels) at the smallest width
+  diffusers allows (32: its GroupNorms have 32 groups). 7 frames (1 + 6) give every attention block more than one frame
+  and every down block's conv a real temporal stride.
 * The per-frame GroupNorm alone with 2 clips of 5 frames (diffusers normalizes them in chunks of 2 frames) on
   uneven rows, exact in forward and backward; whole-clip statistics would fail it.
 * The classification refuses what it does not know; framewise encoding/decoding and bad input give one clear error,

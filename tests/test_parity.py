@@ -1,4 +1,5 @@
-"""Parallel vs unmodified diffusers: outputs, input gradients and parameter gradients within DESIGN.md's bars.
+"""Parallel vs unmodified diffusers: outputs, input gradients and parameter gradients within the bars of
+docs/how-it-works.md.
 
 World sizes 1-4, Wan2.1 and Wan2.2 layouts, even and uneven heights, batch 2, replicated and sharded modes,
 float64 and float32, subgroups (ranks [2, 3] of 4) and two groups of 2 running at once.
@@ -70,7 +71,8 @@ def _reference(case: Case, dtype_name: str) -> dict:
 
 
 def _check(case: Case, res: dict):
-    """DESIGN.md's bars against the unmodified model; float32 parameter gradients against the float64 truth."""
+    """the bars of docs/how-it-works.md against the unmodified model; float32 parameter gradients against the float64
+    truth."""
     ref = _reference(case, case.dtype)
     bar = BARS[case.dtype]
     errs = {"z": rel_err(res["z"], ref["z"]), "out": rel_err(res["out"], ref["out"])}

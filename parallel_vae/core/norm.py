@@ -12,7 +12,8 @@ The backward is its own collective: the input gradient of a normalization is
     dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),   g = dy * weight (per channel)
 
 where both means run over the whole group, so each rank all-reduces its partial sums of g and g * xhat. The weight
-and bias gradients are sums over this rank's rows only; the gradient contract (DESIGN.md) sums them over the group.
+and bias gradients are sums over this rank's rows only; the gradient contract (docs/how-it-works.md) sums them over the
+group.
 
 Every rank merges the same gathered table in the same order, so all ranks hold bit-identical statistics.
 """

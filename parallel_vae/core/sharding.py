@@ -8,7 +8,7 @@ Rows are split in units of *latent* rows. A latent row is ``factor`` pixel rows
 decoder holds ``latent_rows * 2**k`` rows for some k >= 0. A shard that starts
 on a latent row therefore starts on an even row at every level that has a
 stride-2 downsample, which is what makes uneven splits exact
-(see ../shared/DESIGN.md, "Sharding").
+(see docs/how-it-works.md, "Sharding and alignment").
 """
 
 from __future__ import annotations

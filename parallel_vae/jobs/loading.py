@@ -132,9 +132,9 @@ def default_vae(
     """The built-in model, in eval mode: the checkpoint in ``default_dir`` if it exists, else the seeded
     Wan2.1-layout model (:data:`DEFAULT_SEEDED`).
 
-    The package ships that checkpoint (a small VAE the fine-tuning recipe trained on its synthetic data; README,
-    "The embedded default checkpoint"). Should the packaged folder be missing (an install without package data),
-    the untrained seeded model decodes noise-like colour, so that fallback warns."""
+    The package ships that checkpoint (a small VAE the fine-tuning recipe trained on its synthetic data;
+    docs/recipes.md, "The embedded default checkpoint"). Should the packaged folder be missing (an install without
+    package data), the untrained seeded model decodes noise-like colour, so that fallback warns."""
     default_dir = Path(default_dir)
     if default_dir.is_dir():
         vae, source = load_pretrained(str(default_dir), dtype=dtype)

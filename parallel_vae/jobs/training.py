@@ -1,9 +1,9 @@
 """Training on the sharded path: hybrid data x spatial layouts, the module that DDP/DeepSpeed wrap, and the loss.
 
 A world of D x S ranks forms D spatial groups of S consecutive ranks; the data-parallel replicas are the ranks with
-the same position in each spatial group (DESIGN.md, "Process groups"). Every rank of a spatial group holds the same
-clip and keeps only its rows; DDP / DeepSpeed average gradients over all D x S ranks, and :func:`sharded_loss`
-scales each rank's part of the loss so that the average is the single-process gradient.
+the same position in each spatial group (docs/how-it-works.md, "Process groups and devices"). Every rank of a spatial
+group holds the same clip and keeps only its rows; DDP / DeepSpeed average gradients over all D x S ranks, and
+:func:`sharded_loss` scales each rank's part of the loss so that the average is the single-process gradient.
 """
 
 from __future__ import annotations
