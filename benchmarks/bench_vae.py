@@ -806,10 +806,29 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
     p.add_argument("--json", default=os.path.join("outputs", "bench_vae.json"), help="where to write the JSON")
+    p.add_argument("--plots", dest="plots", action="store_true", default=True,
+                   help="write PNG charts beside the JSON (default; benchmarks/plots.py, matplotlib: the [bench] extra)")
+    p.add_argument("--no_plots", dest="plots", action="store_false", help="write no charts")
     p.add_argument("--report_to", default="none", choices=["none", "wandb"])
     p.add_argument("--wandb_project", default="parallel_vae-bench")
     p.add_argument("--run_name", default=None)
     return p.parse_args(argv)
+
+
+def _plots(json_path: str) -> None:
+    """PNG charts beside the JSON (benchmarks/plots.py)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:  # the tables and the JSON stand without the charts
+        print("no charts: matplotlib is not installed (pip install 'parallel_vae[bench]')")
+        return
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    from plots import charts
+
+    for png in charts(json_path):
+        print(f"chart: {png}")
 
 
 def main(argv=None) -> dict:
@@ -960,6 +979,8 @@ def main(argv=None) -> dict:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
             f.write(text)
+        if args.plots:
+            _plots(args.json)
     print()
     print("JSON:")
     print(text)

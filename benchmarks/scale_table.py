@@ -455,6 +455,9 @@ def _parse(argv=None):
                    help="run nothing: print the tables of earlier runs' JSON files together (e.g. sections run\n"
                         "separately); the CPU throughput is the first file's")
     p.add_argument("--json", default=os.path.join("outputs", "scale_table.json"))
+    p.add_argument("--plots", dest="plots", action="store_true", default=True,
+                   help="write PNG charts beside the JSON (default; benchmarks/plots.py, matplotlib: the [bench] extra)")
+    p.add_argument("--no_plots", dest="plots", action="store_false", help="write no charts")
     p.add_argument("--report_to", default="none", choices=["none", "wandb"])
     p.add_argument("--wandb_project", default="parallel_vae-scale")
     p.add_argument("--run_name", default=None)
@@ -495,9 +498,27 @@ def main(argv=None) -> dict:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1, default=str)
+        if args.plots:
+            _plots(args.json)
     if args.report_to == "wandb":
         _log_wandb(args, out)
     return out
+
+
+def _plots(json_path: str) -> None:
+    """PNG charts beside the JSON (benchmarks/plots.py)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:  # the tables and the JSON stand without the charts
+        print("no charts: matplotlib is not installed (pip install 'parallel_vae[bench]')")
+        return
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    from plots import charts
+
+    for png in charts(json_path):
+        print(f"chart: {png}")
 
 
 def _merge(args) -> dict:
@@ -520,6 +541,8 @@ def _merge(args) -> dict:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1, default=str)
+        if args.plots:
+            _plots(args.json)
     return out
 
 

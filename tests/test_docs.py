@@ -43,3 +43,25 @@ def test_no_citation_of_a_file_outside_the_repository():
                         if "DESIGN.md" in f.read():
                             hits.append(os.path.relpath(os.path.join(dirpath, name), ROOT))
     assert not hits, hits
+
+
+def test_charts_are_drawn_from_the_committed_data(tmp_path):
+    """benchmarks/plots.py draws every chart in docs/img from the JSON in docs/data (what README and the docs embed),
+    and the scripts' own JSON shapes: a chart that cannot be redrawn from its data would be a picture, not a result."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import plots
+    finally:
+        sys.path.pop(0)
+    data = os.path.join(ROOT, "docs", "data")
+    made = []
+    for name in sorted(os.listdir(data)):
+        if name.endswith(".json"):
+            made += [os.path.basename(p) for p in plots.charts(os.path.join(data, name), str(tmp_path))]
+    committed = sorted(n for n in os.listdir(os.path.join(ROOT, "docs", "img")) if n.endswith(".png"))
+    assert sorted(made) == committed, (made, committed)
+    for name in made:
+        with open(tmp_path / name, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    text = open(os.path.join(ROOT, "README.md")).read() + open(os.path.join(ROOT, "docs", "benchmarks.md")).read()
+    assert all(name in text for name in committed), [n for n in committed if n not in text]
