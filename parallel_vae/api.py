@@ -31,6 +31,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from ._deps import check_diffusers
 from .core.comm import _all_gather_single, gather_rows, group_rank, group_size, scatter_rows
 from .core.fake import group_split, is_fake, record_split
+from .core.hooks import check_hooks, follow_class, restore_hooks, verify as verify_hooks
 from .core.plan import SpatialState, apply_plan, remove_plan
 from .core.sharding import ShardingError, check_latent_height, check_pixel_height, nearest_valid, row_split, scale_sizes
 from .families import FamilyAdapter, adapter_for
@@ -106,7 +107,9 @@ def enable_spatial_parallelism(vae, group: Optional[dist.ProcessGroup] = None, *
     state.timeout = timeout
     if size > 1:
         plan = adapter.plan(vae)  # raises before anything is changed if the model holds an unknown module
+        check_hooks(vae, plan)  # likewise for a diffusers/accelerate hook that cannot compose (core/hooks.py)
         apply_plan(vae, plan, state)
+        follow_class(vae)  # hooks stacked before enabling now call the sharded forwards
         # Instance attributes take precedence over the class methods that encode()/decode() call.
         vae._encode = types.MethodType(_replicated_encode, vae)
         vae._decode = types.MethodType(_replicated_decode, vae)
@@ -115,7 +118,11 @@ def enable_spatial_parallelism(vae, group: Optional[dist.ProcessGroup] = None, *
 
 
 def disable_spatial_parallelism(vae):
-    """Undo :func:`enable_spatial_parallelism` in place and return ``vae``."""
+    """Undo :func:`enable_spatial_parallelism` in place and return ``vae``.
+
+    Hooks (diffusers, accelerate) stay as they are, including those added while enabled, and call the original
+    forwards again (``parallel_vae.core.hooks``)."""
+    restore_hooks(vae)
     remove_plan(vae)
     for name in ("_encode", "_decode", _STATE_ATTR):
         vae.__dict__.pop(name, None)
@@ -297,6 +304,7 @@ def state_device(group) -> torch.device:
 
 
 def _check_tiling(vae) -> None:
+    verify_hooks(vae)  # a hook added while enabled neither bypasses the sharded forwards nor breaks the collectives
     if _adapter(_state(vae)).tiling_enabled(vae):
         raise RuntimeError(
             "spatial parallelism and diffusers tiling are exclusive (tiles would be cut from shards); "

@@ -318,16 +318,18 @@ def test_checkpointing_recomputes():
 
 
 def test_adapter_table_and_geometry():
-    """Every module of the layout is classified (72 treated: 70 causal convs, 2 attention blocks); a module the
-    table does not know, or a causal conv it cannot shard, raises naming it; geometry and pipeline scaling."""
+    """Every module of the layout is classified (142 treated: 70 causal convs, their 70 inner convs, which the halo
+    forward calls on haloed rows, 2 attention blocks); a module the table does not know, or a causal conv it cannot
+    shard, raises naming it; geometry and pipeline scaling."""
     from diffusers.models.autoencoders import autoencoder_kl_hunyuanvideo15 as hv15
 
     vae = make_model(FCase(L), torch.float32)
     adapter = adapter_for(vae)
     plan = adapter.plan(vae)
     kinds = sorted({t.cls.__name__ for t in plan})
-    assert len(plan) == 72 and kinds == [
+    assert len(plan) == 142 and kinds == [
         "HaloPadConv_HunyuanVideo15CausalConv3d",
+        "HaloedInnerConv_Conv3d",
         "ShardedCausalFrameAttention_HunyuanVideo15AttnBlock",
     ], (len(plan), kinds)
     assert adapter.spatial_factor(vae) == 16 == vae.config.spatial_compression_ratio

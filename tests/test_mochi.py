@@ -126,8 +126,10 @@ def _frame_norm_worker(rank: int, world: int) -> dict:
     torch.set_num_threads(1)
     norm, x, w = _frame_norm_inputs()
     sharded = copy.deepcopy(norm)
-    # the Mochi table's treatment of a per-frame norm, as inside a model
-    apply_plan(sharded, [mochi_treatment("", sharded, {})], SpatialState(dist.group.WORLD, world, 1))
+    # the Mochi table's treatments of a per-frame norm and its GroupNorm, as inside a model
+    parents = {id(sharded.norm_layer): sharded}
+    plan = [mochi_treatment("", sharded, {}), mochi_treatment("norm_layer", sharded.norm_layer, parents)]
+    apply_plan(sharded, plan, SpatialState(dist.group.WORLD, world, 1))
     sizes = pv.row_split(x.shape[3], world)
     start, rows = sum(sizes[:rank]), sizes[rank]
     x_local = x[..., start : start + rows, :].clone().requires_grad_(True)

@@ -7,7 +7,7 @@ rank, cut from that rank's rows.
 | module | treatment | why |
 | --- | --- | --- |
 | ``HunyuanVideoCausalConv3d`` with a kernel of more than one row (conv_in/out, resnet conv1/conv2, up/downsample convs) | ``HaloPadConv`` | ``F.pad(x, time_causal_padding, mode="replicate")`` then ``self.conv``: the row part of the pad becomes a halo; the edge ranks replicate their own edge row, as the layer does |
-| the inner ``nn.Conv3d`` of such a conv | handled by its parent | ``HaloPadConv`` calls its weights on the haloed rows |
+| the inner ``nn.Conv3d`` of such a conv | ``HaloedInnerConv`` | ``HaloPadConv`` calls it on the haloed rows, so it adds no row padding; called, not read, so hooks on it run |
 | ``HunyuanVideoCausalConv3d`` with a 1-row kernel (resnet ``conv_shortcut``) and its inner conv | local | 1x1x1, no padding |
 | ``HunyuanVideoDownsampleCausal3D`` (replicate pad 1 + 3-row stride-2 conv, ``padding=0`` in the encoder) | routes to its conv (``HaloPadConv``) | ``conv_halo(3, 2, 1, 1, 1)`` = one row from above, none from below; shards start on even rows at every level |
 | ``HunyuanVideoUpsampleCausal3D`` (nearest 2x of the first frame in 2-D, of the rest in 3-D, then its conv) | the resize is local; the conv gets ``HaloPadConv`` | nearest by an integer factor: output row j reads input row j // 2 of the same shard |
@@ -28,7 +28,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.autoencoders import autoencoder_kl_hunyuan_video as hv
 
 from ..core.attention import ShardedAttention, check_pixel_attention
-from ..layers.pad_conv import HaloPadConv
+from ..layers.pad_conv import HaloedInnerConv, HaloPadConv
 from ..core.norm import ShardedGroupNorm
 from ..core.plan import SpatialState, Treatment, classify, original_class, sharded_class, unknown_module
 from .base import FamilyAdapter, scaling_shift_normalization
@@ -114,7 +114,9 @@ def hunyuan_video_treatment(name: str, m: nn.Module, parents: dict) -> Optional[
         return _causal_conv(name, m)
     if cls is nn.Conv3d:
         if _parent_is(parents, m, hv.HunyuanVideoCausalConv3d):
-            return None  # its parent's treatment runs it (or it is the 1x1x1 body of a local causal conv)
+            if _causal_conv(name.rpartition(".")[0], parents[id(m)]) is None:
+                return None  # the 1x1x1 body of a local causal conv
+            return Treatment(name, sharded_class(HaloedInnerConv, cls), "inner conv of a halo conv: rows arrive haloed")
         if m.kernel_size[1] == 1 and m.stride[1] == 1 and not isinstance(m.padding, str) and m.padding[1] == 0:
             return None  # quant_conv / post_quant_conv: 1x1x1
         raise unknown_module(name, m)

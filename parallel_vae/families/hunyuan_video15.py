@@ -7,7 +7,7 @@ parameter-free channel average / repeat shortcut, with the first frame taking it
 | module | treatment | why |
 | --- | --- | --- |
 | ``HunyuanVideo15CausalConv3d`` (3x3x3: conv_in/out, resnet conv1/conv2, resampler convs) | ``HaloPadConv`` | ``F.pad(time_causal_padding, "replicate")`` then an unpadded conv: one halo row each side; the global top/bottom rank replicates its own edge row, as the layer does |
-| its inner ``nn.Conv3d`` | none | called by the halo forward above on rows that already carry the halo |
+| its inner ``nn.Conv3d`` | ``HaloedInnerConv`` | called (not read: hooks on it run) by the halo forward above on rows that already carry the halo, so no row padding of its own |
 | ``nn.Conv3d`` 1x1x1 (attention to_q/k/v/proj_out, resnet conv_shortcut) | local | per pixel |
 | ``HunyuanVideo15AttnBlock`` (encoder and decoder mid block) | ``ShardedCausalFrameAttention`` | single-head attention over the whole clip with a frame-causal mask: own queries against the all-gathered keys/values of frames <= t (``frame_causal_sdpa``), no mask built |
 | ``HunyuanVideo15Downsample`` / ``HunyuanVideo15Upsample`` (pixel (un)shuffle by 2 in rows and columns, first frame apart; channel average / repeat shortcut) | local (their conv is treated above) | output row j reads input rows 2j, 2j+1 (down) or j // 2 (up): local because every shard starts on a multiple of the remaining downsampling factor (shards are split in latent rows); the first-frame path splits time, not rows |
@@ -31,7 +31,7 @@ import torch.nn as nn
 from diffusers.models.autoencoders import autoencoder_kl_hunyuanvideo15 as hv15
 
 from ..core.attention import frame_causal_sdpa
-from ..layers.pad_conv import HaloPadConv
+from ..layers.pad_conv import HaloedInnerConv, HaloPadConv
 from ..core.plan import SpatialState, Treatment, classify, original_class, sharded_class, unknown_module
 from .base import FamilyAdapter, scaling_shift_normalization
 
@@ -110,7 +110,9 @@ def _treat(name: str, m: nn.Module, parents: dict) -> Treatment | None:
         return Treatment(name, sharded_class(HaloPadConv, cls), why)
     if cls is nn.Conv3d:
         if parent is not None and original_class(parent) is hv15.HunyuanVideo15CausalConv3d:
-            return None  # run by its parent's halo forward
+            if _treat(name.rpartition(".")[0], parent, parents) is None:
+                return None  # the body of a causal conv with no row reach
+            return Treatment(name, sharded_class(HaloedInnerConv, cls), "inner conv of a halo conv: rows arrive haloed")
         if tuple(m.kernel_size) == (1, 1, 1) and tuple(m.stride) == (1, 1, 1) and tuple(m.padding) == (0, 0, 0):
             return None  # 1x1x1: per pixel
     raise unknown_module(name, m)

@@ -12,7 +12,7 @@ a Linear + depth-to-space rearrange up.
 | ``CogVideoXCausalConv3d`` with kernel = stride (te, 2, 2) (``MochiDownBlock3D.conv_in``) | local | no row padding, each output row reads the two rows of its own stride block; shards start on even rows at every level |
 | their ``CogVideoXSafeConv3d`` | by the parent | called on rows that already carry the halo |
 | ``MochiChunkedGroupNorm3D`` (every resnet norm, attention-block norm, encoder ``norm_out``) | ``ShardedFrameGroupNorm`` | GroupNorm of each frame on its own (diffusers folds frames into the batch and normalizes 8 frames per call): statistics per (sample, frame, group) merged over the ranks' rows (Chan), one collective per layer for all frames |
-| its inner ``nn.GroupNorm`` | by the parent | its parameters are the affine |
+| its inner ``nn.GroupNorm`` | ``ShardedGroupNorm`` | the parent calls it once on all frames (called, not read for its affine, so hooks on it run) |
 | ``Attention`` with ``MochiVaeAttnProcessor2_0`` in ``MochiMidBlock3D`` / ``MochiDownBlock3D`` | local | the blocks hand it one sequence per pixel, ``(B H W, T, C)``: causal attention over that pixel's frames, with L2 qk-norms per token; no pixel attends to another, so row shards change nothing |
 | ``LpNorm`` (the attention's qk-norm), attention ``to_q/k/v/out`` Linear, ``Dropout`` | local | per token of a pixel's sequence |
 | ``FourierFeatures``, ``proj_in`` / ``proj_out`` / up-block ``proj`` (Linear over channels), SiLU, decoder ``conv_in`` 1x1x1 | local | per pixel |
@@ -50,7 +50,7 @@ from diffusers.models.autoencoders.autoencoder_kl_cogvideox import CogVideoXCaus
 from diffusers.models.normalization import LpNorm
 
 from ..layers.replicate_causal_conv import HaloReplicateCausalConv, replicate_causal_conv_is_local
-from ..core.norm import distributed_group_norm
+from ..core.norm import ShardedGroupNorm
 from ..core.plan import SpatialState, Treatment, classify, original_class, sharded_class, unknown_module
 from .base import FamilyAdapter, mean_std_normalization
 
@@ -63,17 +63,17 @@ class ShardedFrameGroupNorm:
 
     diffusers folds frames into the batch, (B, C, T, H, W) -> (B T, C, H, W), and runs its ``nn.GroupNorm`` on
     ``chunk_size`` frames at a time; GroupNorm normalizes each batch entry alone, so the chunks are a memory measure
-    and do not change the result. Here all frames go through one :func:`distributed_group_norm`: one small
+    and do not change the result. Here all frames go through one call of its (sharded) GroupNorm: one small
     all-gather of (count, mean, M2) per (frame, group) for the whole layer instead of one per chunk."""
 
     _pv_state: SpatialState
 
     def forward(self, x: torch.Tensor = None) -> torch.Tensor:
-        norm = self.norm_layer
         b = x.size(0)
         # (B, C, T, h_r, W) -> (B T, C, h_r, W): one GroupNorm sample per frame, as diffusers folds them
         y = x.permute(0, 2, 1, 3, 4).flatten(0, 1)
-        y = distributed_group_norm(y, norm.num_groups, norm.weight, norm.bias, norm.eps, self._pv_state.group)
+        # a ShardedGroupNorm, called as diffusers calls it (not read for its affine), so hooks on it run
+        y = self.norm_layer(y)
         # (B T, C, h_r, W) -> (B, C, T, h_r, W)
         return y.unflatten(0, (b, -1)).permute(0, 2, 1, 3, 4)
 
@@ -131,7 +131,8 @@ def mochi_treatment(name: str, m: nn.Module, parents: dict) -> Optional[Treatmen
         return Treatment(name, sharded_class(ShardedFrameGroupNorm, cls), why)
     if cls is nn.GroupNorm:
         if parent is not None and original_class(parent) is mochi.MochiChunkedGroupNorm3D:
-            return None  # its parent's treatment normalizes with its affine
+            why = "the per-frame norm's GroupNorm, called by its parent on all frames at once: merged statistics"
+            return Treatment(name, sharded_class(ShardedGroupNorm, cls), why)
         raise unknown_module(name, m)
     if cls is Attention:
         block = _grandparent(parents, m)
