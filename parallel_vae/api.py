@@ -22,7 +22,7 @@ from __future__ import annotations
 import datetime
 import os
 import types
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -421,8 +421,20 @@ def shard_latents(vae, z: torch.Tensor) -> torch.Tensor:
     return scatter_rows(z, state.group, dim=-2)
 
 
-def gather_shards(vae, x_local: torch.Tensor, sum_grads: bool = False) -> torch.Tensor:
+def gather_shards(
+    vae, x_local: torch.Tensor, sum_grads: bool = False, sizes: Optional[Sequence[int]] = None
+) -> torch.Tensor:
     """forward: all-gather the group's row shards (variable sizes) into the full tensor; backward: keep my rows'
-    gradient (every rank computes the same loss), or reduce-scatter it with ``sum_grads=True``."""
+    gradient (every rank computes the same loss), or reduce-scatter it with ``sum_grads=True``.
+
+    ``sizes``: every rank's rows, when known (e.g. :func:`agreed_sizes` right after an encode/decode); by default
+    one small all-gather finds them (a host read)."""
     state = _state(vae)
-    return gather_rows(x_local, state.group, dim=-2, sum_grads=sum_grads)
+    return gather_rows(x_local, state.group, dim=-2, sizes=sizes, sum_grads=sum_grads)
+
+
+def agreed_sizes(vae, x_local: torch.Tensor) -> Optional[list[int]]:
+    """Every rank's rows of ``x_local`` (dim -2) under the split the most recent encode/decode agreed on, with no
+    communication; ``None`` before any. Only for a tensor of that encode/decode (its output, or its posterior):
+    shards of anything else may be split differently."""
+    return _state(vae).level_sizes(x_local.shape[-2])

@@ -13,6 +13,7 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from .api import (
+    agreed_sizes,
     gather_shards,
     is_spatially_parallel,
     shard_latents,
@@ -86,7 +87,8 @@ def decode_video(
             return vae.decode(latents, **kwargs).sample
         local = latents if sharded else shard_latents(vae, latents)
         out = sharded_decode(vae, local, **kwargs)
-        return gather_shards(vae, out) if gather else out
+        # the rows of the decode just agreed on: no second all-gather of sizes (a host read on GPUs)
+        return gather_shards(vae, out, sizes=agreed_sizes(vae, out)) if gather else out
 
 
 def encode_video(
@@ -115,4 +117,5 @@ def encode_video(
         posterior = sharded_encode(vae, local)
         if not gather:
             return posterior
-        return adapter.posterior(gather_shards(vae, posterior.parameters))
+        params = posterior.parameters
+        return adapter.posterior(gather_shards(vae, params, sizes=agreed_sizes(vae, params)))
