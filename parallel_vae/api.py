@@ -22,7 +22,7 @@ from __future__ import annotations
 import datetime
 import os
 import types
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -30,7 +30,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from ._deps import check_diffusers
 from .core.comm import _all_gather_single, gather_rows, group_rank, group_size, scatter_rows
-from .core.fake import group_split, is_fake, record_split
+from .core.fake import group_split, no_values, record_split
 from .core.hooks import check_hooks, follow_class, restore_hooks, verify as verify_hooks
 from .core.plan import SpatialState, apply_plan, remove_plan
 from .core.sharding import ShardingError, check_latent_height, check_pixel_height, nearest_valid, row_split, scale_sizes
@@ -168,19 +168,31 @@ def _describe(row: list[int]) -> str:
 
 
 def _agree(vae, op: str, x: torch.Tensor, state: SpatialState) -> list[int]:
-    """All-gather (op, dtype, shape) from every rank, validate, and return each rank's row count of ``x``.
+    """All-gather (op, dtype, shape, device check) from every rank, validate, and return each rank's row count of
+    ``x``; record the group's split in latent rows on ``state`` for the layers (``SpatialState.level_sizes``).
 
     In replicated mode the shapes must be identical and the returned split is the balanced one; in sharded mode
     the heights may differ and are returned as given. Every rank sees the same table, so every rank raises the
-    same error (no rank proceeds to a collective that the others skip).
+    same error (no rank proceeds to a collective that the others skip), and every rank records the same split.
+    This is the one host read of an encode/decode: no layer reads a value afterwards.
 
-    On fake tensors (``core/fake.py``) the collective still runs, but the table is built from this rank's row and
-    the row arithmetic, and the split is recorded for the op's variable-size gathers.
+    On tensors without values (``FakeTensor``, ``meta``: ``core/fake.py``) the collective still runs, but the table
+    is built from this rank's row and the row arithmetic, and the split is recorded for the op's gathers.
     """
+    state.split = None  # a failed agreement leaves no split behind
     sizes = _agree_sizes(vae, op, x, state)
-    if is_fake(x):
-        record_split([s // (1 if op.endswith("decode") else state.factor) for s in sizes])
+    latent_rows = [s // (1 if op.endswith("decode") else state.factor) for s in sizes]
+    if no_values(x):
+        record_split(latent_rows)
+    state.split = tuple(latent_rows)
     return sizes
+
+
+def _model_device(vae) -> Optional[torch.device]:
+    """The device of the model's parameters (where its activations, and so every collective tensor, live)."""
+    for p in vae.parameters():
+        return p.device
+    return None
 
 
 def _agree_sizes(vae, op: str, x: torch.Tensor, state: SpatialState) -> list[int]:
@@ -190,24 +202,33 @@ def _agree_sizes(vae, op: str, x: torch.Tensor, state: SpatialState) -> list[int
     unit = 1 if latent else state.factor
     dims = list(x.shape) + [0] * (6 - x.dim()) if x.dim() <= 6 else list(x.shape[:6])
     dtype_code = _DTYPES.index(x.dtype) if x.dtype in _DTYPES else -1
-    mine = [_OPS.index(op), dtype_code, x.dim()] + dims
-    meta = torch.tensor(mine, dtype=torch.int64, device=x.device)
-    table = torch.empty((state.size, meta.numel()), dtype=torch.int64, device=x.device)
+    # The agreement runs on the model's device, not the input's: an input on the wrong device (a CPU tensor
+    # handed to a CUDA model, which NCCL cannot even carry) is then reported by the table on every rank.
+    device = _model_device(vae) or x.device
+    on_device = int(x.device == device)
+    mine = [_OPS.index(op), dtype_code, x.dim()] + dims + [on_device]
+    meta = torch.tensor(mine, dtype=torch.int64, device=device)
+    table = torch.empty((state.size, meta.numel()), dtype=torch.int64, device=device)
     timeout = getattr(state, "timeout", None)
-    if timeout is None:
-        _all_gather_single(table, meta.unsqueeze(0), state.group)
-    else:
-        _arrive_within(state, op, timeout)
-        _all_gather_single(table, meta.unsqueeze(0), state.group)
-    if is_fake(x):
+    if timeout is not None:
+        _arrive_within(state, op, timeout, device)
+    _all_gather_single(table, meta.unsqueeze(0), state.group)
+    if no_values(meta):
         rows = _fake_table(mine, state, op.startswith("sharded"), unit)
     else:
-        rows = [[int(v) for v in r] for r in table.tolist()]
+        rows = [[int(v) for v in r] for r in table.tolist()]  # the one host read of the call
 
     def fail(msg: str):
         listing = "; ".join(f"rank {r}: {_describe(row)}" for r, row in enumerate(rows))
         raise ShardingError(f"{msg} [{listing}]")
 
+    off_device = [r for r, row in enumerate(rows) if not row[-1]]
+    if off_device:
+        here = f"here: input on {x.device}, model on {device}" if not on_device else f"model on {device} here"
+        fail(
+            f"{op}: ranks {off_device} pass an input on another device than the model's ({here}); move it with "
+            "x.to(vae.device) (under NCCL, call torch.cuda.set_device(local_rank) before creating the model)"
+        )
     # Same op, dtype and rank count everywhere; in sharded mode every dim but the height must match.
     ndim = rows[0][2]
     height_dim = 3 + min(max(ndim - 2, 0), 5)  # offset 3 in the table, then dim -2 of the input
@@ -270,11 +291,12 @@ class SpatialTimeoutError(TimeoutError):
     ``timeout``."""
 
 
-def _arrive_within(state: SpatialState, op: str, timeout: float) -> None:
+def _arrive_within(state: SpatialState, op: str, timeout: float, device: torch.device) -> None:
     """Every rank of the group meets here within ``timeout`` seconds, or this rank raises naming the operation.
 
     gloo: ``monitored_barrier`` names the ranks that did not arrive (group rank 0 sees them; the others see that
-    rank 0 gave up). Other backends: the agreement's all-gather itself is awaited with the deadline."""
+    rank 0 gave up). Other backends: a one-element all-reduce on ``device`` (the agreement's: the model's, which
+    under NCCL is this rank's GPU) is awaited with the deadline."""
     deadline = datetime.timedelta(seconds=timeout)
     group = state.group
     if dist.get_backend(group) == "gloo":
@@ -286,7 +308,7 @@ def _arrive_within(state: SpatialState, op: str, timeout: float) -> None:
                 "the group stopped or is not calling the same encode/decode"
             ) from None
         return
-    probe = torch.zeros(1, device=state_device(group))
+    probe = torch.zeros(1, device=device)
     work = dist.all_reduce(probe, group=group, async_op=True)
     try:
         work.wait(timeout=deadline)
@@ -296,11 +318,16 @@ def _arrive_within(state: SpatialState, op: str, timeout: float) -> None:
         ) from None
 
 
-def state_device(group) -> torch.device:
-    """The device a collective of ``group`` runs on (NCCL: this rank's current CUDA device)."""
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+def state_device(vae, x: Optional[torch.Tensor] = None) -> torch.device:
+    """The device the collectives of an encode/decode of ``vae`` run on: the model's (which the input must share),
+    else ``x``'s. Never ``torch.cuda.current_device()``: a rank that forgot ``torch.cuda.set_device`` would put its
+    collectives on cuda:0 while its model sits elsewhere."""
+    device = _model_device(vae)
+    if device is None:
+        if x is None:
+            raise ValueError("the model has no parameters: pass the input to find the device")
+        device = x.device
+    return device
 
 
 def _check_tiling(vae) -> None:
@@ -404,8 +431,20 @@ def shard_latents(vae, z: torch.Tensor) -> torch.Tensor:
     return scatter_rows(z, state.group, dim=-2)
 
 
-def gather_shards(vae, x_local: torch.Tensor, sum_grads: bool = False) -> torch.Tensor:
+def gather_shards(
+    vae, x_local: torch.Tensor, sum_grads: bool = False, sizes: Optional[Sequence[int]] = None
+) -> torch.Tensor:
     """forward: all-gather the group's row shards (variable sizes) into the full tensor; backward: keep my rows'
-    gradient (every rank computes the same loss), or reduce-scatter it with ``sum_grads=True``."""
+    gradient (every rank computes the same loss), or reduce-scatter it with ``sum_grads=True``.
+
+    ``sizes``: every rank's rows, when known (e.g. :func:`agreed_sizes` right after an encode/decode); by default
+    one small all-gather finds them (a host read)."""
     state = _state(vae)
-    return gather_rows(x_local, state.group, dim=-2, sum_grads=sum_grads)
+    return gather_rows(x_local, state.group, dim=-2, sizes=sizes, sum_grads=sum_grads)
+
+
+def agreed_sizes(vae, x_local: torch.Tensor) -> Optional[list[int]]:
+    """Every rank's rows of ``x_local`` (dim -2) under the split the most recent encode/decode agreed on, with no
+    communication; ``None`` before any. Only for a tensor of that encode/decode (its output, or its posterior):
+    shards of anything else may be split differently."""
+    return _state(vae).level_sizes(x_local.shape[-2])

@@ -14,6 +14,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from ._deps import import_optional
 from .api import (
+    agreed_sizes,
     gather_shards,
     is_spatially_parallel,
     shard_latents,
@@ -87,7 +88,8 @@ def decode_video(
             return vae.decode(latents, **kwargs).sample
         local = latents if sharded else shard_latents(vae, latents)
         out = sharded_decode(vae, local, **kwargs)
-        return gather_shards(vae, out) if gather else out
+        # the rows of the decode just agreed on: no second all-gather of sizes (a host read on GPUs)
+        return gather_shards(vae, out, sizes=agreed_sizes(vae, out)) if gather else out
 
 
 def encode_video(
@@ -116,4 +118,5 @@ def encode_video(
         posterior = sharded_encode(vae, local)
         if not gather:
             return posterior
-        return adapter.posterior(gather_shards(vae, posterior.parameters))
+        params = posterior.parameters
+        return adapter.posterior(gather_shards(vae, params, sizes=agreed_sizes(vae, params)))

@@ -13,7 +13,7 @@ VAE mid blocks use (group norm inside, residual connection, optional rescale, th
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,28 +24,35 @@ from .comm import gather_rows
 __all__ = ["sharded_sdpa", "frame_causal_sdpa", "ShardedAttention", "check_pixel_attention"]
 
 
-def sharded_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group) -> torch.Tensor:
+def sharded_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, sizes: Optional[Sequence[int]] = None
+) -> torch.Tensor:
     """forward: SDPA of my queries (.., Lq, d) against every rank's keys/values (.., Lk_r, d) gathered along dim -2
-    in rank order; backward: key/value gradients reduce-scattered to their owners."""
+    in rank order; backward: key/value gradients reduce-scattered to their owners.
+
+    ``sizes``: every rank's Lk_r, from the agreed split (``SpatialState.level_sizes``); ``None`` gathers them
+    (one small collective and a host read: avoid it per layer on GPUs)."""
     # (.., Lk_r, 2d) -> (.., sum_r Lk_r, 2d): one gather for keys and values together
-    kv = gather_rows(torch.cat([k, v], -1), group, dim=-2, sum_grads=True)
+    kv = gather_rows(torch.cat([k, v], -1), group, dim=-2, sizes=sizes, sum_grads=True)
     k, v = kv.split([k.shape[-1], v.shape[-1]], -1)
     return F.scaled_dot_product_attention(q, k, v)
 
 
-def frame_causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frames: int, group) -> torch.Tensor:
+def frame_causal_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frames: int, group, sizes: Optional[Sequence[int]] = None
+) -> torch.Tensor:
     """forward: attention in which a query of frame t sees the keys of frames <= t of the whole clip; backward as
     :func:`sharded_sdpa`.
 
     ``q``, ``k``, ``v``: (B, heads, frames * L_r, d), tokens ordered (frame, this rank's positions), L_r may differ
-    between ranks. One SDPA call per query frame against the keys of frames 0..t, with no mask: peak score memory is
+    between ranks (``sizes``: every rank's L_r, as in :func:`sharded_sdpa`). One SDPA call per query frame against the keys of frames 0..t, with no mask: peak score memory is
     one query frame's (L_r x (t + 1) L) block, never (frames L)^2.
     """
     b, h, n, d = q.shape
     local = n // frames
     # (B, h, T * L_r, d) -> (B, h, T, L_r, 2d) -> gathered along the positions: (B, h, T, L, 2d)
     kv = torch.cat([k, v], -1).reshape(b, h, frames, local, 2 * d)
-    kv = gather_rows(kv, group, dim=3, sum_grads=True)
+    kv = gather_rows(kv, group, dim=3, sizes=sizes, sum_grads=True)
     total = kv.shape[3]
     q = q.reshape(b, h, frames, local, d)
     out = []
@@ -111,9 +118,9 @@ class ShardedAttention(Attention):
         # (B, n, heads * d) -> (B, heads, n, d)
         q, k, v = (t.reshape(b, n, self.heads, head_dim).transpose(1, 2) for t in (q, k, v))
         if frames is None:
-            out = sharded_sdpa(q, k, v, group)
+            out = sharded_sdpa(q, k, v, group, self._pv_state.level_sizes(n))
         else:
-            out = frame_causal_sdpa(q, k, v, frames, group)
+            out = frame_causal_sdpa(q, k, v, frames, group, self._pv_state.level_sizes(n // frames))
         # (B, heads, n, d) -> (B, n, heads * d)
         out = out.transpose(1, 2).reshape(b, n, self.heads * head_dim).to(q.dtype)
         out = self.to_out[1](self.to_out[0](out))

@@ -1,4 +1,4 @@
-"""Row counts without reading tensor values, for runs on fake tensors (``FakeTensorMode``).
+"""Row counts without reading tensor values, for runs on tensors that hold none: ``FakeTensor`` and ``meta``.
 
 Memory and FLOPs of real-scale shapes (a 1280x720x81 decode on 8 ranks) can be measured exactly on one CPU by
 running the model on fake tensors, one rank at a time over a fake process group: every op still allocates (a fake
@@ -14,7 +14,11 @@ come from the row arithmetic instead:
   holds ``latent rows x 2**k`` rows (tokens: ``x width``), because shards start on latent rows.
 
 The collectives themselves still run (on fake tensors, through the fake group), so traffic counts are the real
-run's. Nothing here changes a run on real tensors: :func:`is_fake` is False there and these helpers are not used.
+run's. Nothing here changes a run on real tensors: :func:`no_values` is False there and these helpers are not used.
+
+``meta`` tensors are treated exactly like ``FakeTensor``: the device-conformance test
+(``tests/test_meta_conformance.py``) runs every path with the model on ``meta`` over a ``meta:fake`` process group,
+where a host read raises; so the no-values path must never read one either.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from .sharding import ShardingError
 
-__all__ = ["is_fake", "assume_split", "record_split", "group_split", "proportional_sizes"]
+__all__ = ["no_values", "is_fake", "assume_split", "record_split", "group_split", "proportional_sizes"]
 
 # The group's split in latent rows, declared by a fake-rank driver, and the one the last replicated agreement
 # computed. Fake runs only: both are read only when tensors are fake.
@@ -35,9 +39,13 @@ _declared: Optional[tuple[int, ...]] = None
 _agreed: Optional[tuple[int, ...]] = None
 
 
-def is_fake(t: torch.Tensor) -> bool:
-    """Whether ``t`` is a ``FakeTensor`` (no values: sizes must come from the row arithmetic)."""
-    return isinstance(t, FakeTensor)
+def no_values(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds no values (a ``FakeTensor``, or a tensor on the ``meta`` device): sizes must then come
+    from the row arithmetic, never from reading what a collective returned."""
+    return isinstance(t, FakeTensor) or t.device.type == "meta"
+
+
+is_fake = no_values  # the older name
 
 
 @contextlib.contextmanager

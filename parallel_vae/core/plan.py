@@ -19,6 +19,9 @@ from typing import Callable, Optional
 
 import torch.nn as nn
 
+from .comm import group_rank
+from .sharding import level_sizes
+
 __all__ = [
     "SpatialState",
     "Treatment",
@@ -43,9 +46,23 @@ class SpatialState:
         self.size = size
         self.factor = factor
         self.adapter = adapter  # the family adapter (parallel_vae.families), read by the public API
+        # The group's split in latent rows (group-rank order) of the encode/decode in progress, set by the shape
+        # agreement (api._agree) before any layer runs. It is the same on every rank (every rank derives it from
+        # the same gathered table), so layers that need the other ranks' row counts (the K/V gather of attention,
+        # LTX's frame noise) take them from here instead of a per-layer all-gather and host read.
+        self.split: Optional[tuple[int, ...]] = None
         # Per causal conv: the halo rows of the last frames of its input, remembered between the chunks of one
         # inference pass (see parallel_vae.layers.causal_cache_conv). Weak keys: a module that is gone takes its rows with it.
         self.tails: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+    def level_sizes(self, rows: int, dim_name: str = "rows") -> Optional[list[int]]:
+        """Every rank's rows at a level where this rank holds ``rows`` (the agreed split scaled to the level), or
+        ``None`` when no agreement has run (a layer driven directly, outside the public API: the caller then
+        gathers the sizes itself). The split stays valid for the backward (and checkpoint recompute) of the
+        graph that the most recent encode/decode built."""
+        if self.split is None or self.size == 1:
+            return None
+        return level_sizes(self.split, rows, group_rank(self.group))
 
     def __deepcopy__(self, memo):
         return self

@@ -78,3 +78,21 @@ def check_pixel_height(pixel_rows: int, world: int, factor: int, min_rows: int =
             f"nearest heights that work: {near} (the minimum for {world} ranks is {factor * world * min_rows})"
         )
     check_latent_height(pixel_rows // factor, world, factor, min_rows)
+
+
+def level_sizes(split: Sequence[int], rows: int, rank: int) -> list[int]:
+    """Rows of every rank at a level where rank ``rank`` holds ``rows``, given the group's split in latent rows.
+
+    Every level of every family holds ``latent rows x k`` rows (tokens: ``x width``) with the same ``k`` on every
+    rank, because shards start on latent rows; so the sizes follow from the agreed split with no communication.
+    ``level_sizes([3, 2, 2], 12, 1) == [18, 12, 12]``. Raises :class:`ShardingError` when ``rows`` is not a
+    multiple of this rank's latent rows (a tensor that does not belong to the agreed split).
+    """
+    mine = split[rank]
+    per_latent, rest = divmod(rows, mine)
+    if rest or mine <= 0:
+        raise ShardingError(
+            f"{rows} rows on rank {rank} do not follow the agreed split {list(split)} (latent rows per rank): "
+            "this tensor is not part of the encode/decode the group agreed on"
+        )
+    return [s * per_latent for s in split]

@@ -61,7 +61,7 @@ class ShardedCausalFrameAttention:
         query, key, value = (
             y.reshape(b, c, t * h * w).permute(0, 2, 1).unsqueeze(1).contiguous() for y in (query, key, value)
         )
-        x = frame_causal_sdpa(query, key, value, t, self._pv_state.group)
+        x = frame_causal_sdpa(query, key, value, t, self._pv_state.group, self._pv_state.level_sizes(h * w))
         # (b, 1, t * h_r * w, c) -> (b, c, t, h_r, w)
         x = x.squeeze(1).reshape(b, t, h, w, c).permute(0, 4, 1, 2, 3)
         x = self.proj_out(x)

@@ -74,7 +74,15 @@ class ShardedNoiseResnet:
 
     def _noise(self, x: torch.Tensor, scale: torch.Tensor, generator) -> torch.Tensor:
         rows, width = x.shape[-2:]
-        noise = frame_noise(rows, width, self._pv_state.group, generator=generator, device=x.device, dtype=x.dtype)
+        noise = frame_noise(
+            rows,
+            width,
+            self._pv_state.group,
+            generator=generator,
+            device=x.device,
+            dtype=x.dtype,
+            sizes=self._pv_state.level_sizes(rows),
+        )
         # (rows, W) -> (1, rows, W) * (C, 1, 1) -> (1, C, 1, rows, W): one field for every channel and frame
         return x + (noise[None] * scale)[None, :, None, ...]
 

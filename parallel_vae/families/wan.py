@@ -50,7 +50,7 @@ class ShardedFrameAttention:
         # (b*t, 3c, h, w) -> (b*t, 1, h*w, 3c)
         qkv = qkv.reshape(b * t, 1, c * 3, -1).permute(0, 1, 3, 2).contiguous()
         q, k, v = qkv.chunk(3, dim=-1)
-        x = sharded_sdpa(q, k, v, self._pv_state.group)
+        x = sharded_sdpa(q, k, v, self._pv_state.group, self._pv_state.level_sizes(h * w))
         # (b*t, 1, h*w, c) -> (b*t, c, h, w)
         x = x.squeeze(1).permute(0, 2, 1).reshape(b * t, c, h, w)
         x = self.proj(x)

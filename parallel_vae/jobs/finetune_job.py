@@ -21,7 +21,6 @@ import time
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from ..api import enable_spatial_parallelism, shard_video
 from ..families import adapter_for, spatial_factor
@@ -29,6 +28,7 @@ from ..checkpointing import enable_gradient_checkpointing
 from ..errors import InputError
 from .loading import load_vae
 from .metrics import peak_memory_bytes, psnr, ssim
+from .reductions import sum_over_ranks
 from .models import SEEDED_LAYOUTS, build_seeded_vae, build_wan_vae, inflate_temporal, temporal_resampling_convs
 from ..pipeline import decode_video, encode_video
 from .cli import add_finetune_args
@@ -464,12 +464,11 @@ def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
         step_times.append(time.perf_counter() - t0)
 
         # The replica means, averaged over replicas (for logging; no gradient).
-        sums = torch.stack([parts["l1_sum"], parts["mse_sum"], parts["kl_sum"]]).double()
-        if rt.distributed:
-            dist.all_reduce(sums)
-        l1_mean, mse_mean = (sums[:2] / (numel * layout.dp_degree)).tolist()
-        kl_mean = (sums[2] / (args.batch_size * layout.dp_degree)).item()  # per sample
-        total = args.l1 * l1_mean + args.mse * mse_mean + args.kl * (sums[2] / (numel * layout.dp_degree)).item()
+        # On the activations' device (NCCL has no CPU backend), one host read for the three.
+        l1_sum, mse_sum, kl_sum = sum_over_ranks([parts["l1_sum"], parts["mse_sum"], parts["kl_sum"]], rt.device)
+        l1_mean, mse_mean = l1_sum / (numel * layout.dp_degree), mse_sum / (numel * layout.dp_degree)
+        kl_mean = kl_sum / (args.batch_size * layout.dp_degree)  # per sample
+        total = args.l1 * l1_mean + args.mse * mse_mean + args.kl * kl_sum / (numel * layout.dp_degree)
         record = {"step": step + 1, "loss": total, "l1": l1_mean, "mse": mse_mean, "kl": kl_mean, "lr": lr, "step_seconds": step_times[-1]}
         history.append(record)
         if progress is not None:
@@ -524,7 +523,7 @@ def _validate(rt: Runtime, layout, vae, val_data, step: int, args, dtype, step_t
     replica d takes clips d, d + D, ...; metrics are averaged over all clips."""
     acc = rt.accelerator
     t0 = time.perf_counter()
-    totals = torch.zeros(3, dtype=torch.float64)  # psnr sum, ssim sum, clips
+    totals = [0.0, 0.0, 0.0]  # psnr sum, ssim sum, clips (summed over ranks on the device below)
     sample_path = None
     video = adapter_for(vae).video
     for i in range(layout.dp_rank, len(val_data), layout.dp_degree):
@@ -535,7 +534,7 @@ def _validate(rt: Runtime, layout, vae, val_data, step: int, args, dtype, step_t
             posterior = encode_video(vae, clip, gather=False)
             recon = decode_video(vae, posterior.mode(), sharded=True, gather=True)
         if layout.sp_rank == 0:  # metrics at the model's own precision (psnr/ssim compute in float64)
-            totals += torch.tensor([psnr(recon, clip), ssim(recon, clip), 1.0], dtype=torch.float64)
+            totals = [totals[0] + psnr(recon, clip), totals[1] + ssim(recon, clip), totals[2] + 1.0]
         if rt.is_main and sample_path is None:
             # input | reconstruction, side by side
             side = torch.cat([clip[0].float().cpu(), recon[0].float().cpu()], dim=-1)
@@ -545,15 +544,15 @@ def _validate(rt: Runtime, layout, vae, val_data, step: int, args, dtype, step_t
             else:
                 os.makedirs(os.path.dirname(name), exist_ok=True)
                 sample_path = write_image(side, name + ".png")
-    if rt.distributed:
-        dist.all_reduce(totals)
+    # NCCL has no CPU backend: the sums travel on the activations' device (jobs/reductions.py).
+    totals = sum_over_ranks(totals, rt.device)
     mem = rt.gather_object(peak_memory_bytes(rt.device)["bytes"])
     times = rt.gather_object(sum(step_times[-10:]) / max(1, len(step_times[-10:])))
     result = {
         "step": step,
-        "psnr": (totals[0] / totals[2]).item(),
-        "ssim": (totals[1] / totals[2]).item(),
-        "clips": int(totals[2].item()),
+        "psnr": totals[0] / totals[2],
+        "ssim": totals[1] / totals[2],
+        "clips": int(totals[2]),
         "validation_seconds": time.perf_counter() - t0,
         "peak_memory_bytes_per_rank": mem,
         "memory_kind": peak_memory_bytes(rt.device)["kind"],

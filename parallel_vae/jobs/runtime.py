@@ -45,7 +45,37 @@ __all__ = [
     "add_runtime_args",
     "wandb_mode",
     "DEFAULT_TIMEOUT_S",
+    "NCCL_ENV_DEFAULTS",
+    "set_nccl_env_defaults",
 ]
+
+# The NCCL environment the recipes set before the process group exists (each only where the user has not set it;
+# names as torch 2.13's ProcessGroupNCCL.hpp reads them). What a stalled peer looks like under NCCL: a collective
+# is queued on the GPU stream and returns at once, so the Python code of the waiting ranks does not see the stall;
+# ProcessGroupNCCL's watchdog thread notices that the work ran past the process group's timeout and, with
+#   TORCH_NCCL_ASYNC_ERROR_HANDLING=1 (TearDown), aborts the communicators and ends the process with one line,
+#     "[Rank r] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=.., OpType=ALLGATHER, ..) ran for
+#      .. milliseconds before timing out", and the launcher (torchrun / accelerate) then stops the other ranks;
+#   TORCH_NCCL_PROPAGATE_ERROR=1, the first rank that fails tells the others through the store, so they stop with
+#     that error instead of each waiting out its own timeout;
+#   TORCH_NCCL_DUMP_ON_TIMEOUT=0, no flight-recorder dump files are written next to the run (set it to 1, with
+#     TORCH_NCCL_TRACE_BUFFER_SIZE > 0, to debug a desync).
+# TORCH_NCCL_BLOCKING_WAIT is left off on purpose: it makes every wait() block the CPU thread until the GPU
+# finishes, a host sync per collective, which is what the library avoids (no per-layer syncs). The library's own
+# `timeout=` (enable_spatial_parallelism) still raises a Python SpatialTimeoutError at the start of an encode/decode.
+NCCL_ENV_DEFAULTS = {
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+    "TORCH_NCCL_PROPAGATE_ERROR": "1",
+    "TORCH_NCCL_DUMP_ON_TIMEOUT": "0",
+}
+
+
+def set_nccl_env_defaults(environ=os.environ) -> dict:
+    """Set :data:`NCCL_ENV_DEFAULTS` in ``environ`` where unset (before ``init_process_group``); returns the values
+    in effect. A user's own setting always wins."""
+    for name, value in NCCL_ENV_DEFAULTS.items():
+        environ.setdefault(name, value)
+    return {name: environ[name] for name in NCCL_ENV_DEFAULTS}
 
 # How gloo and NCCL word a collective that ran past the process group's timeout.
 _TIMED_OUT = re.compile(r"timed? ?out|timeout", re.IGNORECASE)
@@ -197,6 +227,8 @@ def start_runtime(
 
     cuda = torch.cuda.is_available()
     handlers = []
+    if cuda:
+        set_nccl_env_defaults()  # read by ProcessGroupNCCL when the group is created below
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         handlers.append(
             InitProcessGroupKwargs(backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))

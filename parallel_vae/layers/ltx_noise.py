@@ -12,7 +12,7 @@ differ. The noise is a constant (no gradient), so the broadcast needs no backwar
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -29,12 +29,15 @@ def frame_noise(
     generator: Optional[torch.Generator] = None,
     device: torch.device,
     dtype: torch.dtype,
+    sizes: Optional[Sequence[int]] = None,
 ) -> torch.Tensor:
     """This rank's ``rows`` rows of ``torch.randn((H, width), generator=generator)`` over the whole frame, where H
-    is the sum of every rank's ``rows`` (shards may differ in size; one small all-gather finds them)."""
+    is the sum of every rank's ``rows`` (shards may differ in size). ``sizes``: every rank's rows, from the agreed
+    split (``SpatialState.level_sizes``); ``None``: one small all-gather and a host read find them."""
     if group_size(group) == 1:
         return torch.randn((rows, width), generator=generator, device=device, dtype=dtype)
-    sizes = all_gather_sizes(rows, group, device)
+    if sizes is None:
+        sizes = all_gather_sizes(rows, group, device)
     full = torch.randn((sum(sizes), width), generator=generator, device=device, dtype=dtype)
     _broadcast(full, group, src=0)
     start = sum(sizes[: group_rank(group)])
