@@ -31,7 +31,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from ._deps import check_diffusers
 from .core.comm import _all_gather_single, gather_rows, group_rank, group_size, scatter_rows
 from .core.fake import group_split, no_values, record_split
-from .core.hooks import check_hooks, follow_class, restore_hooks, verify as verify_hooks
+from .core.hooks import check_hooks, execution_device as hook_device, follow_class, restore_hooks, verify as verify_hooks
 from .core.plan import SpatialState, apply_plan, remove_plan
 from .core.sharding import ShardingError, check_latent_height, check_pixel_height, nearest_valid, row_split, scale_sizes
 from .families import FamilyAdapter, adapter_for
@@ -189,7 +189,11 @@ def _agree(vae, op: str, x: torch.Tensor, state: SpatialState) -> list[int]:
 
 
 def _model_device(vae) -> Optional[torch.device]:
-    """The device of the model's parameters (where its activations, and so every collective tensor, live)."""
+    """The device of the model's activations, and so of every collective tensor: an offloading hook's execution
+    device, else the parameters'."""
+    hooked = hook_device(vae)
+    if hooked is not None:
+        return hooked
     for p in vae.parameters():
         return p.device
     return None

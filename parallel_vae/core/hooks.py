@@ -53,6 +53,7 @@ import functools
 import types
 from typing import Iterator, Optional
 
+import torch
 import torch.nn as nn
 
 __all__ = ["HookError", "check_hooks", "follow_class", "restore_hooks", "verify"]
@@ -245,3 +246,23 @@ def verify(model: nn.Module) -> None:
                     f"stores the unsharded forward ({_describe(getattr(holder, attr))}), so it would bypass the "
                     "sharded one; remove it, or disable spatial parallelism, add it, and enable again"
                 )
+
+
+def execution_device(model: nn.Module) -> Optional[torch.device]:
+    """Where the model's activations live when offloading hooks keep its weights elsewhere, else ``None``.
+
+    accelerate's ``cpu_offload`` leaves the weights on ``meta`` and its ``AlignDevicesHook`` names the
+    ``execution_device``; diffusers' group offloading keeps them on the offload device and its hook's group names the
+    ``onload_device``. The agreement and every collective run there, not where the parameters happen to sit."""
+    for m in model.modules():
+        hook = m.__dict__.get("_hf_hook")
+        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            dev = getattr(h, "execution_device", None)
+            if dev is not None:
+                return torch.device(dev) if not isinstance(dev, int) else torch.device("cuda", dev)
+        registry = m.__dict__.get("_diffusers_hook")
+        for h in getattr(registry, "hooks", {}).values():
+            dev = getattr(getattr(h, "group", None), "onload_device", None)
+            if dev is not None:
+                return torch.device(dev)
+    return None
