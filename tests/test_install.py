@@ -131,7 +131,7 @@ def test_core_install_decodes_without_extras(tmp_path):
 
     # The installed metadata: the core requirements are exactly torch, diffusers (bounded), safetensors, numpy.
     meta = subprocess.run([py, "-c", "import importlib.metadata as m; print('\\n'.join(m.requires('parallel_vae')))"],
-                          capture_output=True, text=True, env=env, check=True).stdout.split("\n")  # fmt: skip
+                          capture_output=True, text=True, env=env, cwd=str(tmp_path), check=True).stdout.split("\n")  # fmt: skip
     core = sorted(Requirement(r).name for r in meta if r and "extra ==" not in r)
     assert core == sorted(CORE), core
     assert any(r.startswith("diffusers") and "<" in r for r in meta), meta
