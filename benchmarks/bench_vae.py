@@ -354,24 +354,28 @@ def _simulated_group(world: int, rank: int):
     def group_rank(group):
         return rank
 
-    def p2p_start(sends, recvs, group):
+    def all_to_all_start(send, recv_splits, send_splits, group):
+        row = comm._nbytes(send) // max(send.size(0), 1) if send.size(0) else 0
         if comm._counter is not None:
-            comm._counter.add("p2p", sum(comm._nbytes(t) for t, _ in sends), sum(comm._nbytes(t) for t, _ in recvs))
-        for buf, _ in recvs:
-            buf.zero_()
-        return []
+            comm._counter.add("p2p", row * sum(send_splits), row * sum(recv_splits))
+        return send.new_zeros((sum(recv_splits),) + tuple(send.shape[1:]))
 
-    def all_gather_single(out, inp, group):
+    def all_gather(inp, group):
         if comm._counter is not None:
-            comm._counter.add("all_gather", comm._nbytes(inp) * (world - 1), comm._nbytes(out) - comm._nbytes(inp))
-        out.view(world, -1).copy_(inp.reshape(1, -1).expand(world, -1))
+            comm._counter.add("all_gather", comm._nbytes(inp) * (world - 1), comm._nbytes(inp) * (world - 1))
+        return inp.unsqueeze(0).expand(world, *inp.shape).reshape((world * inp.size(0),) + tuple(inp.shape[1:]))
 
-    saved = {n: getattr(comm, n) for n in ("group_size", "group_rank", "_p2p_start", "_all_gather_single")}
-    comm.group_size, comm.group_rank, comm._p2p_start, comm._all_gather_single = (
+    def wait_tensor(t):
+        return t
+
+    names = ("group_size", "group_rank", "_all_to_all_start", "_all_gather", "_wait_tensor")
+    saved = {n: getattr(comm, n) for n in names}
+    comm.group_size, comm.group_rank, comm._all_to_all_start, comm._all_gather, comm._wait_tensor = (
         group_size,
         group_rank,
-        p2p_start,
-        all_gather_single,
+        all_to_all_start,
+        all_gather,
+        wait_tensor,
     )
     try:
         yield

@@ -85,6 +85,7 @@ def enable_spatial_parallelism(vae, group: Optional[dist.ProcessGroup] = None, *
     """
     adapter = adapter_for(vae)  # a TypeError naming the supported classes
     check_diffusers()  # a warning outside the tested diffusers range
+    _refuse_compiled(vae)
     if is_spatially_parallel(vae):
         raise RuntimeError("spatial parallelism is already enabled on this model; disable it first")
     if group is None and dist.is_available() and dist.is_initialized():
@@ -115,6 +116,17 @@ def enable_spatial_parallelism(vae, group: Optional[dist.ProcessGroup] = None, *
         vae._decode = types.MethodType(_replicated_decode, vae)
     setattr(vae, _STATE_ATTR, state)
     return vae
+
+
+def _refuse_compiled(vae) -> None:
+    # A compiled submodule (torch.compile's OptimizedModule) holds a graph traced from the unsharded forwards, and
+    # its wrapper is no diffusers class the plan knows: say so before the plan reports an unknown module.
+    for name, m in vae.named_modules():
+        if type(m).__name__ == "OptimizedModule" and type(m).__module__.startswith("torch._dynamo"):  # no dynamo import
+            raise TypeError(
+                f"vae.{name} is a torch.compile OptimizedModule: compiled before enable_spatial_parallelism. Enable "
+                f"first, then compile (vae.{name} = torch.compile(vae.{name}))"
+            )
 
 
 def disable_spatial_parallelism(vae):

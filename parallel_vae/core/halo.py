@@ -30,12 +30,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .comm import group_rank, group_size, halo_pad, neighbor_rows
+from .comm import group_rank, group_size, halo_pad, start_neighbor_rows
 from .fake import is_fake
 from .plan import SpatialState, Treatment, original_class, sharded_class, unknown_module
 from .sharding import ShardingError
 
 __all__ = [
+    "add_boundary_taps",
+    "corrected_conv",
+    "set_overlap",
+    "overlap_enabled",
     "conv_halo",
     "conv_treatment",
     "edge_rows",
@@ -44,14 +48,32 @@ __all__ = [
     "HaloConv",
 ]
 
+_OVERLAP = True
+
+
+def set_overlap(enabled: bool) -> bool:
+    """Whether :func:`corrected_conv` runs the interior convolution while the halo rows travel (default on);
+    returns the previous setting. Off: wait for the rows first, then convolve (the same arithmetic, in the same
+    order, so outputs are bitwise equal either way)."""
+    global _OVERLAP
+    previous, _OVERLAP = _OVERLAP, bool(enabled)
+    return previous
+
+
+def overlap_enabled() -> bool:
+    return _OVERLAP
+
+
 # (mode, rows, value) applied innermost first, e.g. (("replicate", 1, 0.0), ("zeros", 1, 0.0)).
 PadSpec = Sequence[tuple]
 
 
 def _onednn(x: torch.Tensor) -> bool:
-    # Not on fake tensors (core/fake.py): oneDNN's kernel has no fake implementation; F.conv allocates the same.
+    # Not on fake tensors (core/fake.py) and not while torch.compile traces (Dynamo runs every op on fake tensors):
+    # oneDNN's kernel has no fake implementation; F.conv allocates the same, and inductor picks its own kernel.
     return (
         x.device.type == "cpu"
+        and not torch.compiler.is_compiling()
         and not is_fake(x)
         and x.dtype == torch.float32
         and torch.backends.mkldnn.is_available()
@@ -225,8 +247,9 @@ def corrected_conv(
 
     ``conv_fn(x)``, when given, computes the convolution of ``x`` with the layer's own zero padding in place of a
     plain conv call: a class whose forward wraps its convolution (CogVideoX's ``CogVideoXSafeConv3d`` splits long
-    inputs along time) keeps that forward on the shard. It runs after the one exchange, so it may do anything
-    local, including different work on different ranks.
+    inputs along time) keeps that forward on the shard. It runs while the exchange is in flight (with
+    :func:`set_overlap` off, after it), so it may do anything local, including different work on different ranks,
+    but no collective of its own.
 
     Returns None where the geometry does not allow it (the conv's own padding would change a shard's output count,
     or a halo deeper than the padding); the caller then uses the padded-copy path. The decision depends on the
@@ -236,27 +259,44 @@ def corrected_conv(
     rank, size = group_rank(group), group_size(group)
     last = rank == size - 1
     reach = dh * (kh - 1)
-    n_out = (rows + 2 * ph - reach - 1) // sh + 1
     inner = reach - ph - (sh - 1)
     if inner < 0 or inner > ph or not -sh <= 2 * ph - reach - 1 <= -1:
         return None  # same on every rank: geometry only
     if rows < max(ph, inner):
         raise ShardingError(f"a shard of {rows} rows cannot supply a halo of {max(ph, inner)} rows")
-    x, above, below = neighbor_rows(x, group, dim=-2, top=ph, bottom=inner)
+    # step 1: post the exchange of my edge rows; step 2: convolve my rows (their own zero padding stands in for
+    # the neighbours' rows) while the rows travel; step 3: wait, then add the taps that reach the neighbours' rows.
+    pending = start_neighbor_rows(x, group, dim=-2, top=ph, bottom=inner)
+    x = pending.x
+    if not _OVERLAP:
+        above, below = pending.wait()
     if conv_fn is not None:
         y = conv_fn(x)
     else:
         y = _conv(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-    other = list(conv.padding)
+    if _OVERLAP:
+        above, below = pending.wait()
+    return add_boundary_taps(y, above, below, rows, conv.weight, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def add_boundary_taps(
+    y: torch.Tensor, above: torch.Tensor, below: torch.Tensor, rows: int, weight, stride, padding, dilation, groups
+) -> torch.Tensor:
+    """In place on ``y``, the convolution of ``rows`` rows with its own zero row padding ``padding[-2]``: add the
+    kernel taps that land on the neighbours' rows ``above`` / ``below`` (0 rows at a global edge: nothing to add),
+    applied to those rows alone. ``above`` holds ``padding[-2]`` rows, ``below`` the conv's inner halo."""
+    kh, sh, dh, ph = weight.shape[-2], stride[-2], dilation[-2], padding[-2]
+    reach = dh * (kh - 1)
+    n_out = (rows + 2 * ph - reach - 1) // sh + 1
+    other = list(padding)
     other[-2] = 0
-    weight = conv.weight
     if above.shape[-2]:
         taps = -(-ph // dh)  # kernel rows that reach above row 0 from output row 0
         n_top = -(-ph // sh)  # output rows that reach above row 0
         # slab rows -ph .. -ph + length - 1: the rows above (received), then zeros for my own rows
         length = (n_top - 1) * sh + (taps - 1) * dh + 1
         slab = above.narrow(-2, 0, length) if length <= ph else torch.cat([above, _rows_of(above, length - ph)], -2)
-        fix = _conv(slab, weight.narrow(-2, 0, taps), None, conv.stride, tuple(other), conv.dilation, conv.groups)
+        fix = _conv(slab, weight.narrow(-2, 0, taps), None, stride, tuple(other), dilation, groups)
         y.narrow(-2, 0, n_top).add_(fix)
     if below.shape[-2]:
         first = max(0, -(-(rows + ph - reach) // sh))  # first output row that reaches below my last row
@@ -267,7 +307,7 @@ def corrected_conv(
             slab = below.narrow(-2, start - rows, end - start + 1)
         else:
             slab = torch.cat([_rows_of(below, rows - start), below], -2)
-        fix = _conv(slab, weight.narrow(-2, tap0, kh - tap0), None, conv.stride, tuple(other), conv.dilation, conv.groups)
+        fix = _conv(slab, weight.narrow(-2, tap0, kh - tap0), None, stride, tuple(other), dilation, groups)
         y.narrow(-2, first, n_out - first).add_(fix)
     return y
 

@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from ..core.comm import halo_pad
-from ..core.halo import _conv
+from ..core.comm import start_neighbor_rows
+from ..core.halo import _conv, add_boundary_taps, overlap_enabled
 from ..core.plan import SpatialState
 
 __all__ = ["HaloCausalConv", "enable_cache_checkpointing", "disable_cache_checkpointing"]
@@ -31,6 +31,9 @@ class HaloCausalConv:
     """A causal 3-D conv with a frame cache (``WanCausalConv3d``, ``QwenImageCausalConv3d``: ``_padding`` =
     (w, w, h, h, t, 0), zero padding, ``forward(x, cache_x)``): the rows above and below come from the neighbours.
 
+    As the unmodified layer does, the causal zero frames, the cached frames and this chunk are concatenated along
+    time; the rows are not padded: the convolution runs on my rows with its own zero row padding while the edge
+    rows travel, and the taps that reach the neighbours' rows are added afterwards (``core.halo.corrected_conv``).
     The halo covers the cached frames too. Their halo rows travelled with the previous chunk (the cache is the
     tail of this conv's previous input), so without autograd they are remembered and not sent again.
     """
@@ -50,10 +53,11 @@ class HaloCausalConv:
             front -= prefix.shape[2]
             if front < 0:
                 raise RuntimeError(f"a cache of {prefix.shape[2]} frames is longer than the causal padding")
+        group = state.group
         # step 1: which halo rows are known. diffusers' encoder and decoder build every conv's cache as the last
         # CACHE_T frames of that conv's input stream (the previous chunk, or the one before and the previous),
         # and clear the caches at the first chunk (cache None), which resets what is remembered here. All ranks
-        # run the same calls with the same shapes (bar the rows), so they decide alike and the sends pair up.
+        # run the same calls with the same shapes (bar the rows), so they decide alike and the exchanges pair up.
         # With autograd on, nothing is remembered: gradient checkpointing re-runs chunks out of order.
         remember = not torch.is_grad_enabled()
         known = state.tails.get(self) if remember and prefix is not None else None
@@ -62,20 +66,46 @@ class HaloCausalConv:
             above, below = known
             fits = above.shape[2] >= n and above.shape[:2] == prefix.shape[:2] and above.shape[4] == prefix.shape[4]
             known = (above[:, :, -n:], below[:, :, -n:]) if fits and above.dtype == prefix.dtype else None
-        # step 2: one buffer: the causal zero frames, the cached frames and this chunk along time; the rows of the
-        # neighbours above and below (zeros at the global edges) along height.
-        x = halo_pad(
-            x, state.group, dim=3, top=top, bottom=bottom, prefix=prefix, cat_dim=2, zero_front=front, prefix_halo=known
+        # step 2: post the exchange of the frames whose halo rows are not known, then build the time stack.
+        live = x if prefix is None or known is not None else torch.cat([prefix, x], 2)
+        rows = x.shape[3]
+        pending = start_neighbor_rows(live, group, dim=3, top=top, bottom=bottom)
+        live = pending.x
+        parts = ([x.new_zeros(_frames(x, front))] if front else []) + ([prefix] if known is not None else []) + [live]
+        stack = torch.cat(parts, 2) if len(parts) > 1 else live
+        # step 3: convolve my rows (zero row padding in the neighbours' place; the width padding is the
+        # convolution's own) while the rows travel; step 4: wait, add the taps that reach the neighbours' rows.
+        padding = (0, top, w_pad)
+        if not overlap_enabled():
+            above, below = pending.wait()
+        y = _conv(stack, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
+        if overlap_enabled():
+            above, below = pending.wait()
+        # the neighbours' rows of every frame of the stack (0 rows at a global edge)
+        above, below = (
+            _stack_rows(h, front, known[i] if known is not None else None) for i, h in enumerate((above, below))
         )
         if remember:
-            # (b, c, k, top + rows + bottom, w) -> the halo rows of the last k frames: the next chunk's cache.
-            k = min(self.CACHE_T, x.shape[2] - front)
-            tail = x.narrow(2, x.shape[2] - k, k)
-            state.tails[self] = (tail.narrow(3, 0, top).clone(), tail.narrow(3, x.shape[3] - bottom, bottom).clone())
+            # (b, c, frames, halo rows, w) -> those of the last k frames: the next chunk's cache
+            k = min(self.CACHE_T, stack.shape[2] - front)
+            state.tails[self] = (above[:, :, -k:].clone(), below[:, :, -k:].clone())
         else:
             state.tails.pop(self, None)
-        # step 3: convolve; the width padding is the convolution's own (zeros, symmetric), so it costs no copy.
-        return _conv(x, self.weight, self.bias, self.stride, (0, 0, w_pad), self.dilation, self.groups)
+        return add_boundary_taps(y, above, below, rows, self.weight, self.stride, padding, self.dilation, self.groups)
+
+
+def _frames(x: torch.Tensor, n: int) -> list[int]:
+    shape = list(x.shape)
+    shape[2] = n
+    return shape
+
+
+def _stack_rows(rows: torch.Tensor, front: int, known) -> torch.Tensor:
+    """The halo rows of the time stack: zeros for the causal frames, the remembered rows, the received rows."""
+    parts = ([rows.new_zeros(_frames(rows, front))] if front else []) + ([known] if known is not None else [])
+    # At a global edge these hold 0 rows (the conv's own zero padding is right there), but every frame all the
+    # same: the remembered tails must look alike on every rank, which decide alike whether to reuse them.
+    return torch.cat(parts + [rows], 2) if parts else rows
 
 
 _FLAG = "_pv_checkpointed"
