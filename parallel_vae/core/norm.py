@@ -79,6 +79,20 @@ def _stats_kernel(x4: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, m2
 
 
+def _shifted_stats_kernel(x4: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, G, Cg, P) -> mean, M2 (B, G) in one pass: sums of d = x - K and d^2 about a shift K per (sample, group),
+    the mean of the group's first positions (all its channels). M2 = S2 - S1^2 / n loses only what (mean - K)^2
+    adds to the variance (relative), not the mean's magnitude: a mean 1e4 with std 1 keeps its float32 digits.
+    Used by the compiled path, where one read of the shard instead of two is most of the forward's time."""
+    dt = _stat_dtype(x4.dtype)
+    n = x4.shape[2] * x4.shape[3]
+    k = x4[..., : min(x4.shape[3], 64)].mean((2, 3), dtype=dt)  # (B, G) shift
+    d = x4.to(dt) - k[..., None, None]
+    s1, s2 = d.sum((2, 3)), d.square().sum((2, 3))
+    mean_d = s1 / n
+    return k + mean_d, (s2 - s1 * mean_d).clamp_min(0)
+
+
 def _normalize_kernel(x4, mean, rstd, weight, bias):
     """y = (x - mean) * rstd * weight + bias, computed in the statistics dtype, returned in x's dtype."""
     dt = mean.dtype
@@ -147,7 +161,7 @@ def group_stats(x4: torch.Tensor, mode: str = "eager") -> tuple[torch.Tensor, to
     """(B, G, Cg, P) local elements -> (mean, M2) per (sample, group) in the statistics dtype; eager chunks are merged
     with Chan's formula (each chunk's statistics are themselves two-pass)."""
     if mode == "compiled":
-        return _run("stats", _stats_kernel, x4)
+        return _run("stats", _shifted_stats_kernel, x4)
     mean = m2 = None
     n = 0
     per = x4.shape[2]
