@@ -11,21 +11,54 @@ The backward is its own collective: the input gradient of a normalization is
 
     dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),   g = dy * weight (per channel)
 
-where both means run over the whole group, so each rank all-reduces its partial sums of g and g * xhat. The weight
-and bias gradients are sums over this rank's rows only; the gradient contract (docs/how-it-works.md) sums them over the
-group.
+where both means run over the whole group, so each rank all-reduces its partial sums of g and g * xhat.
 
-Every rank merges the same gathered table in the same order, so all ranks hold bit-identical statistics.
+Kernels. Three passes over the data do all the work: the statistics (mean, then the centred sum of squares), the
+normalize-and-affine, and in backward one reduction (per (sample, channel) sums of dy and dy * (x - mean)) and one
+elementwise pass for dx. Each is a small function written once (``_stats_kernel``, ``_normalize_kernel``,
+``_grad_sums_kernel``, ``_grad_input_kernel``) and run in one of two ways:
+
+* compiled (``torch.compile``, inductor: C++ on CPU, Triton on CUDA) for tensors of ``COMPILE_MIN_NUMEL`` elements
+  or more: each kernel reads half-precision values and accumulates in float32 in registers, so nothing the size of
+  the shard is allocated but the output (and dx in backward). Measured in ``benchmarks/bench_groupnorm.py``.
+* eager, chunk by chunk along the positions (``_CHUNK_NUMEL`` elements a chunk, at most ``_MAX_CHUNKS`` chunks):
+  for small tensors, fake and meta tensors (``benchmarks/scale_table.py``), inside an outer ``torch.compile`` (which
+  then fuses the kernels itself, unchunked), with ``PARALLEL_VAE_GROUPNORM=eager``, and when compiling failed (one
+  warning, then eager for the rest of the process). A chunk's float32 temporaries are a bounded slice of the shard,
+  never a float32 copy of all of it; chunk statistics are merged with the same Chan formula.
+
+Autograd saves only the input (alive anyway), the weight, and (mean, rstd, count) per (sample, group).
+
+Parameter gradients: every rank adds its float64 partial sums of dweight and dbias to the backward's one all-reduce;
+group rank 0 returns the group's total, rounded once to the parameter's dtype, the other ranks zeros. Their sum over
+the group (the gradient contract, docs/how-it-works.md) is then the single-process gradient with one rounding, as torch's own, and
+not a sum of per-rank bfloat16 roundings. Every rank merges the same gathered table in the same order, so all ranks
+hold bit-identical statistics; no value is read on the host.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 import torch.nn as nn
 
-from .comm import _all_gather_single, _all_reduce_sum, group_size
+from .comm import _all_gather_single, _all_reduce_sum, group_rank, group_size
+from .fake import is_fake
 
-__all__ = ["distributed_group_norm", "ShardedGroupNorm", "group_stats", "merge_stats"]
+__all__ = ["distributed_group_norm", "ShardedGroupNorm", "group_stats", "merge_stats", "kernel_mode"]
+
+# Below this many elements per call the compiled kernels' dispatch overhead is not worth it (and every new shape
+# would be one more compile): the eager path, one chunk, is as fast there.
+COMPILE_MIN_NUMEL = 65536
+# Eager chunks: positions per chunk so that one chunk holds about this many elements of the shard (4 MiB of float32
+# temporaries), and never more than _MAX_CHUNKS chunks (the fake-tensor scale runs pay per op, not per byte).
+_CHUNK_NUMEL = 1 << 20
+_MAX_CHUNKS = 64
+_ENV = "PARALLEL_VAE_GROUPNORM"  # "eager" forces the eager kernels; anything else (default "auto") may compile
+_compiled: dict = {}
+_compile_failed = False
 
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -33,15 +66,117 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def group_stats(xg: torch.Tensor) -> torch.Tensor:
-    """(B, G, n) local elements -> (B, G, 3): count, mean, centred sum of squares (two passes, so no cancellation)."""
-    xs = xg.to(_stat_dtype(xg.dtype))
-    mean = xs.mean(-1)
-    # (B, G, n) - (B, G, 1): the centred second pass, squared in place (one temporary of the input's size, not two:
-    # it was the peak of the whole decode for Mochi, whose per-frame norms see every frame at once)
-    m2 = (xs - mean.unsqueeze(-1)).square_().sum(-1)
-    count = torch.full_like(mean, float(xg.shape[-1]))
-    return torch.stack([count, mean, m2], -1)
+# ---------------------------------------------------------------------------------------------------------------
+# The kernels: plain functions on (B, G, Cg, P) views, mean/rstd (B, G), per-channel vectors as (G, Cg)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _stats_kernel(x4: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, G, Cg, P) -> mean, centred sum of squares (B, G), two passes in the statistics dtype."""
+    dt = _stat_dtype(x4.dtype)
+    mean = x4.mean((2, 3), dtype=dt)
+    m2 = (x4.to(dt) - mean[..., None, None]).square().sum((2, 3))
+    return mean, m2
+
+
+def _shifted_stats_kernel(x4: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, G, Cg, P) -> mean, M2 (B, G) in one pass: sums of d = x - K and d^2 about a shift K per (sample, group),
+    the mean of the group's first positions (all its channels). M2 = S2 - S1^2 / n loses only what (mean - K)^2
+    adds to the variance (relative), not the mean's magnitude: a mean 1e4 with std 1 keeps its float32 digits.
+    Used by the compiled path, where one read of the shard instead of two is most of the forward's time."""
+    dt = _stat_dtype(x4.dtype)
+    n = x4.shape[2] * x4.shape[3]
+    k = x4[..., : min(x4.shape[3], 64)].mean((2, 3), dtype=dt)  # (B, G) shift
+    d = x4.to(dt) - k[..., None, None]
+    s1, s2 = d.sum((2, 3)), d.square().sum((2, 3))
+    mean_d = s1 / n
+    return k + mean_d, (s2 - s1 * mean_d).clamp_min(0)
+
+
+def _normalize_kernel(x4, mean, rstd, weight, bias):
+    """y = (x - mean) * rstd * weight + bias, computed in the statistics dtype, returned in x's dtype."""
+    dt = mean.dtype
+    scale = rstd[..., None] if weight is None else rstd[..., None] * weight.to(dt)  # (B, G, Cg)
+    y = (x4.to(dt) - mean[..., None, None]) * scale[..., None]
+    if bias is not None:
+        y = y + bias.to(dt)[..., None]
+    return y.to(x4.dtype)
+
+
+def _grad_sums_kernel(x4, dy4, mean):
+    """Per (sample, channel): sum of dy and sum of dy * (x - mean), each (B, G, Cg), in the statistics dtype."""
+    dt = mean.dtype
+    dy = dy4.to(dt)
+    return dy.sum(-1), (dy * (x4.to(dt) - mean[..., None, None])).sum(-1)
+
+
+def _grad_input_kernel(x4, dy4, mean, rstd, weight, mean_g, mean_gx):
+    """dx = rstd * (w * dy - mean(g) - xhat * mean(g * xhat)), returned in x's dtype."""
+    dt = mean.dtype
+    g = dy4.to(dt) if weight is None else dy4.to(dt) * weight.to(dt)[..., None]
+    xhat = (x4.to(dt) - mean[..., None, None]) * rstd[..., None, None]
+    dx = (g - mean_g[..., None, None] - xhat * mean_gx[..., None, None]) * rstd[..., None, None]
+    return dx.to(x4.dtype)
+
+
+def kernel_mode(x: torch.Tensor) -> str:
+    """"compiled" or "eager": which way the kernels run for ``x`` (see the module docstring)."""
+    if (
+        _compile_failed
+        or os.environ.get(_ENV, "auto") == "eager"
+        or x.numel() < COMPILE_MIN_NUMEL
+        or x.device.type not in ("cpu", "cuda")
+        or is_fake(x)
+        or torch.compiler.is_compiling()
+    ):
+        return "eager"
+    return "compiled"
+
+
+def _run(name: str, fn, *args):
+    """Call ``fn`` compiled; on a compile failure warn once and run eager from then on."""
+    global _compile_failed
+    if not _compile_failed:
+        try:
+            if name not in _compiled:
+                _compiled[name] = torch.compile(fn, dynamic=None)
+            return _compiled[name](*args)
+        except Exception as e:  # noqa: BLE001 - any compiler failure: the eager kernels give the same values
+            _compile_failed = True
+            warnings.warn(f"parallel_vae GroupNorm: torch.compile failed ({type(e).__name__}: {e}); using eager kernels")
+    return fn(*args)
+
+
+def _chunks(x4: torch.Tensor):
+    """Position slices (start, length) of the eager path; one slice inside an outer torch.compile."""
+    p = x4.shape[-1]
+    if torch.compiler.is_compiling():
+        return [(0, p)]
+    per_pos = max(1, x4.numel() // max(p, 1))
+    step = max(-(-_CHUNK_NUMEL // per_pos), -(-p // _MAX_CHUNKS), 1)
+    return [(s, min(step, p - s)) for s in range(0, p, step)] or [(0, p)]
+
+
+def group_stats(x4: torch.Tensor, mode: str = "eager") -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, G, Cg, P) local elements -> (mean, M2) per (sample, group) in the statistics dtype; eager chunks are merged
+    with Chan's formula (each chunk's statistics are themselves two-pass)."""
+    if mode == "compiled":
+        return _run("stats", _shifted_stats_kernel, x4)
+    mean = m2 = None
+    n = 0
+    per = x4.shape[2]
+    for start, length in _chunks(x4):
+        mb, m2b = _stats_kernel(x4.narrow(-1, start, length))
+        nb = per * length
+        if mean is None:
+            mean, m2, n = mb, m2b, nb
+            continue
+        delta = mb - mean
+        tot = n + nb
+        mean = mean + delta * (nb / tot)
+        m2 = m2 + m2b + delta.square() * (n * nb / tot)
+        n = tot
+    return mean, m2
 
 
 def merge_stats(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -60,24 +195,26 @@ def merge_stats(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     return n, mean, m2
 
 
-def _forward_stats(xg: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
-    """Whole-group (mean, variance) per (sample, group), in the statistics dtype."""
-    local = group_stats(xg)
+def _forward_stats(x4: torch.Tensor, group, mode: str):
+    """Whole-group (mean, variance, count) per (sample, group); mean and variance in the statistics dtype, count a
+    float64 tensor (B, G) on the merge path and a Python number on one rank (no host read either way)."""
+    mean, m2 = group_stats(x4, mode)
+    local_n = x4.shape[2] * x4.shape[3]
     size = group_size(group)
     if size == 1:
-        n, mean, m2 = local[..., 0], local[..., 1], local[..., 2]
-    else:
-        # (B, G, 3) -> (R, B, G, 3): every rank's triple; the gather runs in float64 so counts stay exact.
-        table = local.new_empty((size,) + tuple(local.shape), dtype=torch.float64)
-        _all_gather_single(table, local.double().unsqueeze(0).contiguous(), group)
-        n, mean, m2 = merge_stats(table)
-    dt = _stat_dtype(xg.dtype)
-    return mean.to(dt), (m2 / n).to(dt)
+        return mean, m2 / max(local_n, 1), float(local_n)
+    # (B, G, 3): this rank's (count, mean, M2); gathered to (R, B, G, 3) in float64 so counts stay exact.
+    local = torch.stack([torch.full_like(mean, float(local_n), dtype=torch.float64), mean.double(), m2.double()], -1)
+    table = local.new_empty((size,) + tuple(local.shape))
+    _all_gather_single(table, local.unsqueeze(0).contiguous(), group)
+    n, gmean, gm2 = merge_stats(table)
+    dt = mean.dtype
+    return gmean.to(dt), (gm2 / n).to(dt), n
 
 
 class _DistributedGroupNorm(torch.autograd.Function):
     """forward: normalize with statistics merged over the group; backward: all-reduce the two gradient sums per
-    (sample, group), then the local input, weight and bias gradients.
+    (sample, group) and the parameter-gradient partials, then the local input gradient.
 
     Arithmetic runs in the statistics dtype (float32 for half inputs, as torch's own kernels do) and the result is
     cast back, so a bfloat16 model loses no more than the unsharded one."""
@@ -85,65 +222,88 @@ class _DistributedGroupNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, num_groups, eps, group):
         b, c = x.shape[:2]
-        dt = _stat_dtype(x.dtype)
-        # (B, C, *positions) -> (B, G, C/G * positions): one row of statistics per (sample, group)
-        xg = x.reshape(b, num_groups, -1)
-        mean, var = _forward_stats(xg, group)
+        mode = kernel_mode(x)
+        # (B, C, *positions) -> (B, G, C/G, P): statistics per (sample, group), affine per (group, channel)
+        x4 = x.reshape(b, num_groups, c // num_groups, -1)
+        mean, var, count = _forward_stats(x4, group, mode)
         rstd = (var + eps).rsqrt()
-        # In place after the first op (no autograd inside a Function): the peak is input + output, as for torch's
-        # own fused kernel, not input + three temporaries.
-        y = xg.to(dt) - mean.unsqueeze(-1)
-        y.mul_(rstd.unsqueeze(-1))
-        y = y.reshape(x.shape)
-        # (C,) -> (1, C, 1, ...): per-channel affine over every position
-        shape = (1, c) + (1,) * (x.dim() - 2)
-        if weight is not None:
-            y.mul_(weight.to(dt).reshape(shape))
-        if bias is not None:
-            y.add_(bias.to(dt).reshape(shape))
-        ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.num_groups, ctx.group, ctx.has_bias = num_groups, group, bias is not None
-        return y.to(x.dtype)
+        w2 = None if weight is None else weight.reshape(num_groups, -1)
+        b2 = None if bias is None else bias.reshape(num_groups, -1)
+        if mode == "compiled":
+            y = _run("normalize", _normalize_kernel, x4, mean, rstd, w2, b2)
+        else:
+            y = torch.empty_like(x4)
+            for start, length in _chunks(x4):
+                y.narrow(-1, start, length).copy_(_normalize_kernel(x4.narrow(-1, start, length), mean, rstd, w2, b2))
+        ctx.save_for_backward(x, weight, mean, rstd, count if torch.is_tensor(count) else None)
+        ctx.count, ctx.num_groups, ctx.group, ctx.has_bias = count, num_groups, group, bias is not None
+        return y.reshape(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, mean, rstd = ctx.saved_tensors
+        x, weight, mean, rstd, count_t = ctx.saved_tensors
+        count = count_t if count_t is not None else ctx.count
         b, c = x.shape[:2]
-        groups, dt = ctx.num_groups, mean.dtype
-        shape = (1, c) + (1,) * (x.dim() - 2)
-        reduce_dims = [0] + list(range(2, x.dim()))
-        xhat = x.reshape(b, groups, -1).to(dt) - mean.unsqueeze(-1)
-        xhat.mul_(rstd.unsqueeze(-1))
-        dy = dy.to(dt)
-        dw = db = None
-        if weight is not None and ctx.needs_input_grad[1]:
-            dw = (dy * xhat.reshape(x.shape)).sum(reduce_dims).to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy.sum(reduce_dims).to(weight.dtype if weight is not None else x.dtype)
+        groups = ctx.num_groups
+        mode = kernel_mode(x)
+        x4 = x.reshape(b, groups, c // groups, -1)
+        dy4 = dy.reshape(x4.shape)
+        # per (sample, group, channel): sum of dy and of dy * (x - mean)
+        if mode == "compiled":
+            s_dy, s_dyc = _run("grad_sums", _grad_sums_kernel, x4, dy4, mean)
+        else:
+            s_dy = s_dyc = None
+            for start, length in _chunks(x4):
+                a, d = _grad_sums_kernel(x4.narrow(-1, start, length), dy4.narrow(-1, start, length), mean)
+                s_dy, s_dyc = (a, d) if s_dy is None else (s_dy + a, s_dyc + d)
+        w2 = None if weight is None else weight.reshape(groups, -1).to(mean.dtype)
+        g_dy = s_dy if w2 is None else s_dy * w2  # (B, G, Cg): sums of g
+        g_dyc = s_dyc if w2 is None else s_dyc * w2  # sums of g * (x - mean)
+        # (B, G, 2): this rank's sums of g and g * xhat per (sample, group)
+        sums = torch.stack([g_dy.sum(-1), g_dyc.sum(-1) * rstd], -1)
+        want_w = weight is not None and ctx.needs_input_grad[1]
+        want_b = ctx.has_bias and ctx.needs_input_grad[2]
+        dw = (s_dyc * rstd[..., None]).sum(0).reshape(-1) if want_w else None  # (C,): sum of dy * xhat
+        db = s_dy.sum(0).reshape(-1) if want_b else None  # (C,): sum of dy
+        if group_size(ctx.group) > 1:
+            # One all-reduce in float64: the group sums (exact counts at any size) and the parameter partials.
+            parts = [sums.reshape(-1)] + [t for t in (dw, db) if t is not None]
+            packed = torch.cat([p.double() for p in parts])
+            _all_reduce_sum(packed, ctx.group)
+            sums = packed[: sums.numel()].reshape(sums.shape).to(mean.dtype)
+            # Group rank 0 returns the group's parameter gradient (one rounding); the others add exact zeros.
+            keep = group_rank(ctx.group) == 0
+            offset = sums.numel()
+            if dw is not None:
+                dw = packed[offset : offset + c] if keep else torch.zeros_like(dw)
+                offset += c
+            if db is not None:
+                db = packed[offset : offset + c] if keep else torch.zeros_like(db)
+        pdt = weight.dtype if weight is not None else x.dtype
+        dw = None if dw is None else dw.to(pdt)
+        db = None if db is None else db.to(pdt)
         if not ctx.needs_input_grad[0]:
             return None, dw, db, None, None, None
-        g = dy * weight.to(dt).reshape(shape) if weight is not None else dy.clone()
-        g = g.reshape(b, groups, -1)
-        # (B, G, 2): this rank's sums of g and g * xhat; the group's after the all-reduce (float64, so the element
-        # counts stay exact at any size).
-        sums = torch.stack([g.sum(-1), (g * xhat).sum(-1)], -1)
-        count = torch.tensor([float(g.shape[-1])], dtype=dt, device=x.device)
-        if group_size(ctx.group) > 1:
-            packed = torch.cat([sums.reshape(-1), count]).double()
-            _all_reduce_sum(packed, ctx.group)
-            sums, count = packed[:-1].reshape(sums.shape).to(dt), packed[-1:].to(dt)
-        mean_g = (sums[..., 0] / count).unsqueeze(-1)
-        mean_gx = (sums[..., 1] / count).unsqueeze(-1)
-        # dx = rstd * (g - mean(g) - xhat * mean(g xhat)), in place on g and xhat
-        g.sub_(mean_g).sub_(xhat.mul_(mean_gx)).mul_(rstd.unsqueeze(-1))
-        return g.reshape(x.shape).to(x.dtype), dw, db, None, None, None
+        # count: a Python number, or the merged float64 (B, G) counts (no host read)
+        mean_g = (sums[..., 0].double() / count).to(mean.dtype)
+        mean_gx = (sums[..., 1].double() / count).to(mean.dtype)
+        w2k = None if weight is None else weight.reshape(groups, -1)
+        if mode == "compiled":
+            dx = _run("grad_input", _grad_input_kernel, x4, dy4, mean, rstd, w2k, mean_g, mean_gx)
+        else:
+            dx = torch.empty_like(x4)
+            for start, length in _chunks(x4):
+                sl = (x4.narrow(-1, start, length), dy4.narrow(-1, start, length))
+                dx.narrow(-1, start, length).copy_(_grad_input_kernel(*sl, mean, rstd, w2k, mean_g, mean_gx))
+        return dx.reshape(x.shape), dw, db, None, None, None
 
 
 def distributed_group_norm(
     x: torch.Tensor, num_groups: int, weight=None, bias=None, eps: float = 1e-5, group=None
 ) -> torch.Tensor:
     """forward: ``F.group_norm`` of the whole tensor whose rows are split over ``group``; backward: the exact input
-    gradient (two all-reduced sums per sample and group) and this rank's weight/bias gradient contributions.
+    gradient (two all-reduced sums per sample and group) and the group's weight/bias gradient on group rank 0
+    (zeros on the others, so the sum over the group is the single-process gradient).
 
     ``x`` is (B, C, ...) with any trailing dims (rows may be any of them: statistics run over all of them). Shards may
     have any sizes, including different sizes on different ranks."""
