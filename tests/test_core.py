@@ -131,7 +131,7 @@ def _core_worker(rank, world, sizes, what):
     if what == "padconv":
         from diffusers.models.autoencoders.autoencoder_kl_hunyuan_video import HunyuanVideoCausalConv3d
 
-        from parallel_vae.layers.pad_conv import HaloPadConv
+        from parallel_vae.layers.pad_conv import HaloedInnerConv, HaloPadConv
 
         for name, kw in {"hv-k3": dict(), "hv-k3-s2-p1": dict(stride=(1, 2, 2), padding=1)}.items():
             conv = HunyuanVideoCausalConv3d(2, 3, 3, **kw).double()
@@ -141,6 +141,7 @@ def _core_worker(rank, world, sizes, what):
             x = torch.randn(1, 2, 3, n, 4, dtype=torch.float64, requires_grad=True)
             ref = conv(x)
             _swap(conv, HaloPadConv, group)
+            _swap(conv.conv, HaloedInnerConv, group)  # the family plan's pair: the inner conv gets rows haloed
             f = _sharded(conv, sizes, group, out_sizes=_out_sizes(sizes, stride, ref.shape[-2]))
             out[name] = (_rel(f(x), ref), 0.0, torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-7, rtol=1e-6))
         return out

@@ -2,7 +2,7 @@
 
 tests/test_core.py holds the merge path's float64 exactness and gradcheck at 2 and 3 ranks on the eager kernels
 (its shapes are below COMPILE_MIN_NUMEL). Here: the same bars on the compiled kernels and on several eager chunks;
-bfloat16 held to the unmodified bfloat16 GroupNorm by DESIGN.md's rule (no farther from the float64 truth than it
+bfloat16 held to the unmodified bfloat16 GroupNorm by the float32 rule of docs/how-it-works.md (no farther from the float64 truth than it
 is), at one rank and through the merge path at two, parameter gradients summed over the group in bfloat16 as DDP
 would; and no host tensor in forward or backward. Speed is measured in benchmarks/bench_groupnorm.py, not here.
 """
@@ -96,7 +96,7 @@ def _bf16_merge_worker(rank, world, sizes):
     start = sum(sizes[:rank])
     xl, dyl = x.narrow(2, start, sizes[rank]).contiguous(), dy.narrow(2, start, sizes[rank]).contiguous()
     y, dx, dw, db = _grads(lambda x, w, b: norm.distributed_group_norm(x, 4, w, b, 1e-6, dist.group.WORLD), xl, w, b, dyl)
-    for g in (dw, db):  # DESIGN.md's contract: parameter gradients summed over the group, in their own dtype (DDP)
+    for g in (dw, db):  # the gradient contract (docs/how-it-works.md): parameter gradients summed over the group, in their own dtype (DDP)
         dist.all_reduce(g, group=dist.group.WORLD)
     return y, dx, dw, db
 

@@ -7,7 +7,7 @@ enabled). Bars, and why they are the ordinary ones:
   identically) and upcasts them to the compute dtype in each call. Every float8 value is exact in float32 and
   float64, so that upcast adds no rounding, and casting back to storage restores the same bits. The two sides then
   compute with identical weights, and differ only in the order of the sharded sums: compute float64 is held to
-  1e-10, compute float32 to 1e-5 (DESIGN.md's bars), and the float8 weights must be bit-identical afterwards.
+  1e-10, compute float32 to 1e-5 (the bars of docs/how-it-works.md), and the float8 weights must be bit-identical afterwards.
 * offload hooks (diffusers' group offload on CPU, accelerate's cpu_offload) move weights without changing values:
   1e-10 in float64. accelerate's cpu_offload keeps the weights on ``meta`` outside each module's own call, so any
   layer that read another module's weights instead of calling it would fail or be wrong here.
