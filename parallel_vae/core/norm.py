@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .comm import _all_gather_single, _all_reduce_sum, group_size
 
-__all__ = ["distributed_group_norm", "ShardedGroupNorm", "group_stats", "merge_stats"]
+__all__ = ["distributed_group_norm", "distributed_batch_norm", "ShardedGroupNorm", "group_stats", "merge_stats"]
 
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -59,8 +60,9 @@ def merge_stats(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     return n, mean, m2
 
 
-def _forward_stats(xg: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
-    """Whole-group (mean, variance) per (sample, group), in the statistics dtype."""
+def _forward_stats(xg: torch.Tensor, group, counts: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole-group (mean, variance) per (sample, group), in the statistics dtype; ``counts``, when given, receives
+    the whole-group element count per (sample, group) (float64)."""
     local = group_stats(xg)
     size = group_size(group)
     if size == 1:
@@ -70,6 +72,8 @@ def _forward_stats(xg: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]
         table = local.new_empty((size,) + tuple(local.shape), dtype=torch.float64)
         _all_gather_single(table, local.double().unsqueeze(0).contiguous(), group)
         n, mean, m2 = merge_stats(table)
+    if counts is not None:
+        counts.append(n.double())
     dt = _stat_dtype(xg.dtype)
     return mean.to(dt), (m2 / n).to(dt)
 
@@ -82,12 +86,15 @@ class _DistributedGroupNorm(torch.autograd.Function):
     cast back, so a bfloat16 model loses no more than the unsharded one."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, num_groups, eps, group):
+    def forward(ctx, x, weight, bias, num_groups, eps, group, stats_out=None):
         b, c = x.shape[:2]
         dt = _stat_dtype(x.dtype)
         # (B, C, *positions) -> (B, G, C/G * positions): one row of statistics per (sample, group)
         xg = x.reshape(b, num_groups, -1)
-        mean, var = _forward_stats(xg, group)
+        counts = [] if stats_out is not None else None
+        mean, var = _forward_stats(xg, group, counts)
+        if stats_out is not None:  # (mean, biased variance, count) for a caller's running averages (BatchNorm)
+            stats_out.append((mean.detach(), var.detach(), counts[0]))
         rstd = (var + eps).rsqrt()
         # In place after the first op (no autograd inside a Function): the peak is input + output, as for torch's
         # own fused kernel, not input + three temporaries.
@@ -120,7 +127,7 @@ class _DistributedGroupNorm(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.sum(reduce_dims).to(weight.dtype if weight is not None else x.dtype)
         if not ctx.needs_input_grad[0]:
-            return None, dw, db, None, None, None
+            return None, dw, db, None, None, None, None
         g = dy * weight.to(dt).reshape(shape) if weight is not None else dy.clone()
         g = g.reshape(b, groups, -1)
         # (B, G, 2): this rank's sums of g and g * xhat; the group's after the all-reduce (float64, so the element
@@ -135,7 +142,7 @@ class _DistributedGroupNorm(torch.autograd.Function):
         mean_gx = (sums[..., 1] / count).unsqueeze(-1)
         # dx = rstd * (g - mean(g) - xhat * mean(g xhat)), in place on g and xhat
         g.sub_(mean_g).sub_(xhat.mul_(mean_gx)).mul_(rstd.unsqueeze(-1))
-        return g.reshape(x.shape).to(x.dtype), dw, db, None, None, None
+        return g.reshape(x.shape).to(x.dtype), dw, db, None, None, None, None
 
 
 def distributed_group_norm(
@@ -149,6 +156,44 @@ def distributed_group_norm(
     if x.shape[1] % num_groups:
         raise ValueError(f"{x.shape[1]} channels are not divisible into {num_groups} groups")
     return _DistributedGroupNorm.apply(x, weight, bias, num_groups, eps, group)
+
+
+def distributed_batch_norm(
+    x: torch.Tensor,
+    running_mean,
+    running_var,
+    weight=None,
+    bias=None,
+    *,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    group=None,
+) -> torch.Tensor:
+    """forward: ``F.batch_norm`` of the whole batch whose rows are split over ``group`` (in training: statistics
+    over every rank's rows, and the running averages updated with them, identically on every rank); backward: the
+    exact input gradient and this rank's weight/bias contributions.
+
+    A training-mode BatchNorm is a GroupNorm with one group per channel over the whole batch: (B, C, *positions) is
+    read as (1, C, B * positions) and normalized by :func:`distributed_group_norm`'s Function, so the statistics are
+    Chan-merged (count, mean, M2) and the backward all-reduces the same two sums. In eval mode it is local."""
+    if not training:
+        return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+    b, c = x.shape[:2]
+    # (B, C, *positions) -> (1, C, B * positions): per-channel statistics over the batch and every position
+    xc = x.transpose(0, 1).reshape(1, c, -1)
+    stats = []
+    y = _DistributedGroupNorm.apply(xc, weight, bias, c, eps, group, stats)
+    # back to (B, C, *positions); a copy, not a view: later layers (LeakyReLU) may work in place
+    y = y.reshape((c, b) + tuple(x.shape[2:])).transpose(0, 1).clone(memory_format=torch.contiguous_format)
+    if running_mean is not None:
+        mean, var, n = stats[0]
+        with torch.no_grad():
+            # nn.BatchNorm's update: the running variance takes the unbiased batch variance
+            unbiased = var.double().reshape(c) * (n.reshape(c) / (n.reshape(c) - 1))
+            running_mean.mul_(1 - momentum).add_(mean.reshape(c).to(running_mean.dtype), alpha=momentum)
+            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+    return y
 
 
 class ShardedGroupNorm(nn.GroupNorm):
