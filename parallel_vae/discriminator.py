@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .core.rowwise import RowSplit, row_split_of, run_layers
+from .core.rowwise import RowSplit, check_layers, row_split_of, run_layers
 from .errors import InputError
 from .perceptual import read_state_dict, _strip
 
@@ -44,6 +44,7 @@ __all__ = [
     "seeded_discriminator",
     "load_discriminator",
     "discriminator_rows",
+    "check_discriminator_rows",
     "hinge_d_loss",
     "hinge_d_loss_rows",
     "generator_loss_rows",
@@ -129,6 +130,13 @@ def discriminator_rows(disc: NLayerDiscriminator, x_local: torch.Tensor, group=N
         raise ValueError(f"discriminator_rows needs (B, C, H, W) images, got {tuple(x_local.shape)}")
     split = row_split_of(x_local, group)
     return run_layers([(f"main.{n}", m) for n, m in disc.main.named_children()], x_local, split, group)
+
+
+def check_discriminator_rows(disc: NLayerDiscriminator, sizes) -> None:
+    """Raise the :class:`~parallel_vae.core.sharding.ShardingError` :func:`discriminator_rows` would raise for
+    images split in ``sizes`` rows per rank, without running anything."""
+    split = RowSplit(tuple(sum(sizes[:r]) for r in range(len(sizes) + 1)))
+    check_layers([(f"main.{n}", m) for n, m in disc.main.named_children()], split)
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:

@@ -28,10 +28,10 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from .core.rowwise import row_split_of, run_layers
+from .core.rowwise import RowSplit, check_layers, row_split_of, run_layers
 from .errors import InputError
 
-__all__ = ["LPIPS", "VGG16_CHANNELS", "lpips_rows", "load_lpips", "read_state_dict", "seeded_lpips"]
+__all__ = ["LPIPS", "VGG16_CHANNELS", "lpips_rows", "check_lpips_rows", "load_lpips", "read_state_dict", "seeded_lpips"]
 
 VGG16_CHANNELS = (64, 128, 256, 512, 512)
 # VGG16 "D" features: convs per level, each followed by ReLU; a 2x2/2 max-pool between levels.
@@ -132,6 +132,14 @@ def _trunk_rows(lpips: LPIPS, x: torch.Tensor, group) -> list[tuple[torch.Tensor
         x, split = run_layers([(f"net.slice{k + 1}.{n}", m) for n, m in s.named_children()], x, split, group)
         out.append((x, split.total))
     return out
+
+
+def check_lpips_rows(lpips: LPIPS, sizes) -> None:
+    """Raise the :class:`~parallel_vae.core.sharding.ShardingError` :func:`lpips_rows` would raise for images split
+    in ``sizes`` rows per rank, without running anything."""
+    split = RowSplit(tuple(sum(sizes[:r]) for r in range(len(sizes) + 1)))
+    for k, s in enumerate(lpips.net.slices()):
+        split = check_layers([(f"net.slice{k + 1}.{n}", m) for n, m in s.named_children()], split)
 
 
 def lpips_rows(lpips: LPIPS, input_local: torch.Tensor, target_local: torch.Tensor, group=None) -> torch.Tensor:

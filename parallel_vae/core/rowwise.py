@@ -41,7 +41,9 @@ from .norm import distributed_batch_norm
 from .plan import unknown_module
 from .sharding import ShardingError
 
-__all__ = ["RowSplit", "row_split_of", "layer_split", "realigned", "realign_rows", "run_layers", "sharded_conv2d"]
+__all__ = [
+    "RowSplit", "row_split_of", "layer_split", "realigned", "realign_rows", "check_layers", "run_layers", "sharded_conv2d",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -104,22 +106,46 @@ def layer_split(split: RowSplit, kernel: int, stride: int, dilation: int, pad: i
     return out
 
 
-def realign_rows(x: torch.Tensor, split: RowSplit, stride: int, group, name: str) -> tuple[torch.Tensor, RowSplit]:
-    """forward: this rank's rows of the realigned split (rows from the rank above prepended, the rows that now
-    belong to the rank below dropped); backward: through one halo exchange and a narrow."""
+def _realign_checked(split: RowSplit, stride: int, name: str) -> tuple[RowSplit, int]:
+    """The realigned split and the rows every rank passes down (0: already aligned), with the checks."""
     new = realigned(split, stride)
     if new == split:
-        return x, split
-    n, size, rank = split.sizes, len(split.sizes), group_rank(group)
+        return split, 0
+    n = split.sizes
     move = max(b % stride for b in split.bounds[1:-1])  # the same on every rank: one exchange for all
     if min(new.sizes) < 1 or min(n) < move:
         raise ShardingError(
             f"{name}: a shard too small to realign to stride {stride}: rows per rank {n}; use fewer ranks or taller "
             "images"
         )
+    return new, move
+
+
+def realign_rows(x: torch.Tensor, split: RowSplit, stride: int, group, name: str) -> tuple[torch.Tensor, RowSplit]:
+    """forward: this rank's rows of the realigned split (rows from the rank above prepended, the rows that now
+    belong to the rank below dropped); backward: through one halo exchange and a narrow."""
+    new, move = _realign_checked(split, stride, name)
+    if not move:
+        return x, split
+    rank = group_rank(group)
     y = halo_exchange(x, group, dim=-2, top=move, bottom=0)
     # y holds rows start - move .. end - 1 of this level; keep new.start .. new.end - 1
     return y.narrow(-2, new.start(rank) - (split.start(rank) - move), new.sizes[rank]), new
+
+
+def check_layers(layers: Sequence[tuple[str, nn.Module]], split: RowSplit) -> RowSplit:
+    """The split :func:`run_layers` would produce, computed without tensors: the same checks (and
+    :class:`~.sharding.ShardingError`) before any work, e.g. when a training run starts."""
+    if len(split.sizes) == 1:
+        return split
+    for name, m in layers:
+        geometry = _geometry(m, name)
+        if geometry is not None:
+            k, s, d, p = geometry
+            if s > 1:
+                split, _ = _realign_checked(split, s, name)
+            split = layer_split(split, k, s, d, p, name)
+    return split
 
 
 def sharded_conv2d(conv: nn.Conv2d, x: torch.Tensor, group) -> torch.Tensor:
