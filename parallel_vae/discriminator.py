@@ -82,10 +82,15 @@ class NLayerDiscriminator(nn.Module):
 
 def weights_init(m: nn.Module, generator: Optional[torch.Generator] = None) -> None:
     """taming's initialization: conv weights N(0, 0.02); BatchNorm weights N(1, 0.02), biases 0 (seeded by
-    ``generator``)."""
+    ``generator``). taming leaves the conv biases at PyTorch's default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) from the
+    global RNG; here they are drawn from that distribution with ``generator`` too, so one seed gives one network in
+    every process (and every layout)."""
     with torch.no_grad():
         if isinstance(m, nn.Conv2d):
             m.weight.copy_(torch.randn(m.weight.shape, generator=generator) * 0.02)
+            if m.bias is not None:
+                bound = 1.0 / m.weight[0].numel() ** 0.5
+                m.bias.copy_((torch.rand(m.bias.shape, generator=generator) * 2 - 1) * bound)
         elif isinstance(m, nn.BatchNorm2d):
             m.weight.copy_(1.0 + 0.02 * torch.randn(m.weight.shape, generator=generator))
             m.bias.zero_()
