@@ -134,14 +134,14 @@ def discriminator_rows(disc: NLayerDiscriminator, x_local: torch.Tensor, group=N
     if x_local.dim() != 4:
         raise ValueError(f"discriminator_rows needs (B, C, H, W) images, got {tuple(x_local.shape)}")
     split = row_split_of(x_local, group)
-    return run_layers([(f"main.{n}", m) for n, m in disc.main.named_children()], x_local, split, group)
+    return run_layers([(f"discriminator main.{n}", m) for n, m in disc.main.named_children()], x_local, split, group)
 
 
 def check_discriminator_rows(disc: NLayerDiscriminator, sizes) -> None:
     """Raise the :class:`~parallel_vae.core.sharding.ShardingError` :func:`discriminator_rows` would raise for
     images split in ``sizes`` rows per rank, without running anything."""
     split = RowSplit(tuple(sum(sizes[:r]) for r in range(len(sizes) + 1)))
-    check_layers([(f"main.{n}", m) for n, m in disc.main.named_children()], split)
+    check_layers([(f"discriminator main.{n}", m) for n, m in disc.main.named_children()], split)
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:

@@ -129,7 +129,7 @@ def _trunk_rows(lpips: LPIPS, x: torch.Tensor, group) -> list[tuple[torch.Tensor
     split = row_split_of(x, group)
     out = []
     for k, s in enumerate(lpips.net.slices()):
-        x, split = run_layers([(f"net.slice{k + 1}.{n}", m) for n, m in s.named_children()], x, split, group)
+        x, split = run_layers([(f"LPIPS net.slice{k + 1}.{n}", m) for n, m in s.named_children()], x, split, group)
         out.append((x, split.total))
     return out
 
@@ -139,7 +139,7 @@ def check_lpips_rows(lpips: LPIPS, sizes) -> None:
     in ``sizes`` rows per rank, without running anything."""
     split = RowSplit(tuple(sum(sizes[:r]) for r in range(len(sizes) + 1)))
     for k, s in enumerate(lpips.net.slices()):
-        split = check_layers([(f"net.slice{k + 1}.{n}", m) for n, m in s.named_children()], split)
+        split = check_layers([(f"LPIPS net.slice{k + 1}.{n}", m) for n, m in s.named_children()], split)
 
 
 def lpips_rows(lpips: LPIPS, input_local: torch.Tensor, target_local: torch.Tensor, group=None) -> torch.Tensor:

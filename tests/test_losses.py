@@ -128,11 +128,22 @@ def _too_small(rank, world, sizes):
 def test_shard_too_small_is_one_clear_error_on_every_rank():
     """16/8/8 rows: VGG's third pooled level has rows 2/1/1, whose realignment for the fourth pool would leave rank 1
     none; the PatchGAN's 4x4 stride-1 conv needs 2 halo rows from ranks that hold 1."""
-    lpips_msg = "net.slice5.23: a shard too small to realign to stride 2: rows per rank [2, 1, 1]"
-    disc_msg = "main.8: a shard too small for the 2-row halo of this layer: rows per rank [2, 1, 1] at this level"
+    lpips_msg = "LPIPS net.slice5.23: a shard too small to realign to stride 2: rows per rank [2, 1, 1]"
+    disc_msg = "discriminator main.8: a shard too small for the 2-row halo of this layer: rows per rank [2, 1, 1] at this level"
     for lpips_err, disc_err in values(run_ranks(_too_small, 3, (16, 8, 8))):
         assert lpips_err[0] == "ShardingError" and lpips_msg in lpips_err[1], lpips_err
         assert disc_err[0] == "ShardingError" and disc_msg in disc_err[1], disc_err
+    # the same errors from the row arithmetic alone (what the recipe checks before training)
+    from parallel_vae.core.sharding import ShardingError
+    from parallel_vae.discriminator import check_discriminator_rows, seeded_discriminator
+    from parallel_vae.perceptual import check_lpips_rows, seeded_lpips
+
+    with pytest.raises(ShardingError, match=lpips_msg.replace("[", r"\[").replace("]", r"\]")):
+        check_lpips_rows(seeded_lpips(WIDTHS), (16, 8, 8))
+    with pytest.raises(ShardingError, match=disc_msg.replace("[", r"\[").replace("]", r"\]")):
+        check_discriminator_rows(seeded_discriminator(ndf=4), (16, 8, 8))
+    check_lpips_rows(seeded_lpips(WIDTHS), (40, 32, 32))  # the split the parity test runs passes
+    check_discriminator_rows(seeded_discriminator(ndf=4), (40, 32, 32))
 
 
 def test_weights_load_from_the_released_layouts(tmp_path):
