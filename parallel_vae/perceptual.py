@@ -23,7 +23,7 @@ the weights, so a test can save a seeded, narrow network and load it back.
 from __future__ import annotations
 
 import os
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Sequence, Union
 
 import torch
 import torch.nn as nn
