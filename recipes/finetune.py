@@ -26,6 +26,7 @@ except ImportError:  # run from a checkout without installing: the package sits 
 
 # Only the torch-free command line here: --help answers before torch, diffusers or deepspeed load.
 from parallel_vae.jobs.cli import ArgumentParser, add_finetune_args, add_runtime_args, help_requested, print_help_once
+from parallel_vae.jobs.cli import add_loss_args
 
 
 def build_parser() -> ArgumentParser:
@@ -33,6 +34,7 @@ def build_parser() -> ArgumentParser:
 
     p = ArgumentParser(prog="finetune.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_finetune_args(p)
+    add_loss_args(p)
     add_runtime_args(p)
     return p
 

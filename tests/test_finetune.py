@@ -274,3 +274,53 @@ def test_single_frame_training_then_inflated_video_training(tmp_path):
     # trained from the inflated start: the temporal convolutions now learn (they were frozen in stage 1)
     assert not torch.equal(final["decoder.up_blocks.0.upsamplers.0.time_conv.weight"],
                            got["decoder.up_blocks.0.upsamplers.0.time_conv.weight"])  # fmt: skip
+
+
+# Perceptual + adversarial terms (seeded LPIPS saved by the test, a fresh seeded discriminator, adaptive weight)
+# on an uneven split (40 rows: 24/16 on 2 ranks), the discriminator starting at step 1 of 4 so the cut at step 2
+# lands after it started. SGD for both models, so the layout comparison sees gradient errors.
+def _lpips_file(tmp: Path) -> str:
+    from safetensors.torch import save_file
+
+    from parallel_vae.perceptual import seeded_lpips
+
+    path = tmp / "lpips.safetensors"
+    sd = seeded_lpips((4, 8, 8, 16, 16), seed=3, dtype=torch.float64).state_dict()  # small widths, seeded: no real weights
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return str(path)
+
+
+GAN = [
+    "--seeded", "wan2.1:8:4", "--frames", "1", "--height", "40", "--width", "32", "--val_data", "synthetic:1",
+    "--dtype", "float64", "--optimizer", "sgd", "--lr", "0.05", "--max_steps", "4", "--validate_every", "0",
+    "--checkpoint_every", "2", "--data", "synthetic:2", "--batch_size", "2", "--perceptual_weight", "1.0",
+    "--disc_weight", "0.5", "--disc_start", "1", "--disc_ndf", "4", "--disc_layers", "2", "--disc_optimizer", "sgd",
+    "--disc_lr", "0.1",
+]  # fmt: skip
+_GAN_KEYS = ("loss", "l1", "kl", "perceptual", "d_loss", "g_loss", "d_weight")
+
+
+@pytest.mark.timeout(600)
+def test_perceptual_and_adversarial_losses_sharded_exact_and_resume_bit_identical(tmp_path):
+    """S=2 (uneven rows) equals one process in float64 over 4 steps (the logged losses and adaptive weights depend
+    on every earlier update of both models); a run cut at step 2 and resumed is the uninterrupted run, bit for bit."""
+    args = GAN + ["--perceptual_weights_file", _lpips_file(tmp_path)]
+    check_ok(python_run(RECIPE, args + ["--output_dir", str(tmp_path / "single")], tmp_path, timeout=540))
+    check_ok(accelerate_launch(RECIPE, args + ["--output_dir", str(tmp_path / "full")], tmp_path, timeout=540))
+    single, full = _summary(tmp_path / "single")["history"], _summary(tmp_path / "full")["history"]
+    assert [sorted(h) for h in full] == [sorted(h) for h in single] and "d_weight" in full[1] and "d_weight" not in full[0]
+    for a, b in zip(full, single):
+        for k in _GAN_KEYS:
+            if k in b:
+                assert abs(a[k] - b[k]) <= 1e-10 * max(abs(b[k]), 1e-3), (k, a, b)
+    cut = args + ["--output_dir", str(tmp_path / "cut")]
+    cut[cut.index("--max_steps") + 1] = "2"
+    check_ok(accelerate_launch(RECIPE, cut, tmp_path, timeout=540))
+    resume = args + ["--output_dir", str(tmp_path / "cut"), "--resume", "latest"]
+    check_ok(accelerate_launch(RECIPE, resume, tmp_path, timeout=540))
+    resumed = _summary(tmp_path / "cut")
+    assert resumed["start_step"] == 2
+    assert [{k: h.get(k) for k in _GAN_KEYS} for h in resumed["history"]] == [{k: h.get(k) for k in _GAN_KEYS} for h in full[2:]]
+    assert _weights(str(tmp_path / "cut" / "final")).keys() == _weights(str(tmp_path / "full" / "final")).keys()
+    assert all(torch.equal(a, b) for a, b in zip(_weights(str(tmp_path / "cut" / "final")).values(),
+                                                  _weights(str(tmp_path / "full" / "final")).values()))  # fmt: skip

@@ -43,11 +43,12 @@ import warnings
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .comm import _all_gather_single, _all_reduce_sum, group_rank, group_size
 from .fake import is_fake
 
-__all__ = ["distributed_group_norm", "ShardedGroupNorm", "group_stats", "merge_stats", "kernel_mode"]
+__all__ = ["distributed_group_norm", "distributed_batch_norm", "ShardedGroupNorm", "group_stats", "merge_stats", "kernel_mode"]
 
 # Below this many elements per call the compiled kernels' dispatch overhead is not worth it (and every new shape
 # would be one more compile): the eager path, one chunk, is as fast there.
@@ -220,12 +221,15 @@ class _DistributedGroupNorm(torch.autograd.Function):
     cast back, so a bfloat16 model loses no more than the unsharded one."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, num_groups, eps, group):
+    def forward(ctx, x, weight, bias, num_groups, eps, group, stats_out=None):
         b, c = x.shape[:2]
         mode = kernel_mode(x)
         # (B, C, *positions) -> (B, G, C/G, P): statistics per (sample, group), affine per (group, channel)
         x4 = x.reshape(b, num_groups, c // num_groups, -1)
         mean, var, count = _forward_stats(x4, group, mode)
+        if stats_out is not None:  # (mean, biased variance, count) for a caller's running averages (BatchNorm)
+            n = count if torch.is_tensor(count) else torch.full(mean.shape, count, dtype=torch.float64, device=x.device)
+            stats_out.append((mean.detach(), var.detach(), n))
         rstd = (var + eps).rsqrt()
         w2 = None if weight is None else weight.reshape(num_groups, -1)
         b2 = None if bias is None else bias.reshape(num_groups, -1)
@@ -283,7 +287,7 @@ class _DistributedGroupNorm(torch.autograd.Function):
         dw = None if dw is None else dw.to(pdt)
         db = None if db is None else db.to(pdt)
         if not ctx.needs_input_grad[0]:
-            return None, dw, db, None, None, None
+            return None, dw, db, None, None, None, None
         # count: a Python number, or the merged float64 (B, G) counts (no host read)
         mean_g = (sums[..., 0].double() / count).to(mean.dtype)
         mean_gx = (sums[..., 1].double() / count).to(mean.dtype)
@@ -295,7 +299,7 @@ class _DistributedGroupNorm(torch.autograd.Function):
             for start, length in _chunks(x4):
                 sl = (x4.narrow(-1, start, length), dy4.narrow(-1, start, length))
                 dx.narrow(-1, start, length).copy_(_grad_input_kernel(*sl, mean, rstd, w2k, mean_g, mean_gx))
-        return dx.reshape(x.shape), dw, db, None, None, None
+        return dx.reshape(x.shape), dw, db, None, None, None, None
 
 
 def distributed_group_norm(
@@ -310,6 +314,44 @@ def distributed_group_norm(
     if x.shape[1] % num_groups:
         raise ValueError(f"{x.shape[1]} channels are not divisible into {num_groups} groups")
     return _DistributedGroupNorm.apply(x, weight, bias, num_groups, eps, group)
+
+
+def distributed_batch_norm(
+    x: torch.Tensor,
+    running_mean,
+    running_var,
+    weight=None,
+    bias=None,
+    *,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    group=None,
+) -> torch.Tensor:
+    """forward: ``F.batch_norm`` of the whole batch whose rows are split over ``group`` (in training: statistics
+    over every rank's rows, and the running averages updated with them, identically on every rank); backward: the
+    exact input gradient and this rank's weight/bias contributions.
+
+    A training-mode BatchNorm is a GroupNorm with one group per channel over the whole batch: (B, C, *positions) is
+    read as (1, C, B * positions) and normalized by :func:`distributed_group_norm`'s Function, so the statistics are
+    Chan-merged (count, mean, M2) and the backward all-reduces the same two sums. In eval mode it is local."""
+    if not training:
+        return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+    b, c = x.shape[:2]
+    # (B, C, *positions) -> (1, C, B * positions): per-channel statistics over the batch and every position
+    xc = x.transpose(0, 1).reshape(1, c, -1)
+    stats = []
+    y = _DistributedGroupNorm.apply(xc, weight, bias, c, eps, group, stats)
+    # back to (B, C, *positions); a copy, not a view: later layers (LeakyReLU) may work in place
+    y = y.reshape((c, b) + tuple(x.shape[2:])).transpose(0, 1).clone(memory_format=torch.contiguous_format)
+    if running_mean is not None:
+        mean, var, n = stats[0]
+        with torch.no_grad():
+            # nn.BatchNorm's update: the running variance takes the unbiased batch variance
+            unbiased = var.double().reshape(c) * (n.reshape(c) / (n.reshape(c) - 1))
+            running_mean.mul_(1 - momentum).add_(mean.reshape(c).to(running_mean.dtype), alpha=momentum)
+            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+    return y
 
 
 class ShardedGroupNorm(nn.GroupNorm):

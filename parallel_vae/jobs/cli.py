@@ -23,6 +23,7 @@ __all__ = [
     "SEEDED_LAYOUT_NAMES",
     "add_runtime_args",
     "add_finetune_args",
+    "add_loss_args",
     "help_requested",
     "exit_process",
 ]
@@ -244,6 +245,66 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
         choices=["float32", "float16", "bfloat16", "float64"],
         help="dtype of the exported weights (default: the training dtype)",
     )
+
+
+def add_loss_args(p: argparse.ArgumentParser) -> None:
+    """The perceptual and adversarial loss flags of the fine-tuning recipe (parallel_vae.jobs.loss_terms)."""
+    g = p.add_argument_group(
+        "perceptual and adversarial losses (latent-diffusion / taming VAE training; computed on row shards)"
+    )
+    g.add_argument(
+        "--perceptual_weight",
+        type=float,
+        default=0.0,
+        help="weight of the LPIPS (VGG16) perceptual loss, the mean over frames added to the per-element loss as in "
+        "taming (1.0 there); 0 = off (default: %(default)s)",
+    )
+    g.add_argument(
+        "--perceptual_weights_file",
+        metavar="FILE[,FILE]",
+        default=None,
+        help="LPIPS weights, safetensors or torch files, comma-separated: a full LPIPS / taming state dict "
+        "(net.sliceK.N.*, linK.model.1.weight), or torchvision's vgg16 file plus LPIPS's vgg.pth; nothing is "
+        "downloaded",
+    )
+    g.add_argument(
+        "--disc_weight",
+        type=float,
+        default=0.0,
+        help="weight of the PatchGAN generator loss (hinge discriminator); with --adaptive_weight it scales the "
+        "adaptive weight, as taming's disc_weight; 0 = no discriminator (default: %(default)s)",
+    )
+    g.add_argument(
+        "--disc_start",
+        type=int,
+        default=0,
+        help="optimizer step from which the discriminator trains and its loss is added (taming's disc_start) "
+        "(default: %(default)s)",
+    )
+    g.add_argument(
+        "--disc_weights_file",
+        metavar="FILE",
+        default=None,
+        help="discriminator weights in taming's layout (main.N.*; a taming / latent-diffusion checkpoint's "
+        "loss.discriminator.* is found too); default: a fresh one, taming's initialization seeded by --seed",
+    )
+    g.add_argument("--disc_ndf", type=int, default=64, help="width of a fresh discriminator (default: %(default)s)")
+    g.add_argument("--disc_layers", type=int, default=3, help="stride-2 layers of a fresh discriminator (default: %(default)s)")
+    g.add_argument(
+        "--adaptive_weight",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="taming's adaptive weight: ||grad nll|| / ||grad g_loss|| at the decoder's last layer (decoder.conv_out), "
+        "clamped to [0, 1e4], times --disc_weight (default: on)",
+    )
+    g.add_argument(
+        "--disc_optimizer",
+        default="adam",
+        choices=["adam", "sgd"],
+        help="discriminator optimizer: Adam with taming's betas (0.5, 0.9), or SGD (for exactness tests) "
+        "(default: %(default)s)",
+    )
+    g.add_argument("--disc_lr", type=float, default=None, help="discriminator learning rate (default: --lr)")
 
 
 def exit_process(status: int) -> None:

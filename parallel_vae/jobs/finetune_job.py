@@ -42,6 +42,7 @@ from .training import (
     sample_seeds,
     vae_loss,
 )
+from .loss_terms import LOSS_TRAJECTORY, add_loss_terms, build_loss_networks
 from ._files import TMP_PREFIX, atomic_path, clear_stale, publish_modes
 from .video import write_image, write_video
 
@@ -149,7 +150,7 @@ _TRAJECTORY = (
     "model_source", "dtype", "mixed_precision", "train", "global_batch_size", "data", "frames", "height", "width",
     "seed", "optimizer", "lr", "weight_decay", "warmup_steps", "lr_scheduler", "max_grad_norm", "l1", "mse", "kl",
     "sample_posterior",
-)  # fmt: skip
+) + LOSS_TRAJECTORY  # fmt: skip
 
 
 def trajectory_changes(before: dict, now: dict) -> list[str]:
@@ -408,6 +409,7 @@ def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
         # One flag decides clipping under DDP and DeepSpeed alike (DeepSpeed clips inside its step).
         ds_config["gradient_clipping"] = args.max_grad_norm
     module, optimizer, scheduler = acc.prepare(module, optimizer, scheduler)
+    loss_nets = build_loss_networks(rt, args, vae, layout, dtype)  # perceptual / adversarial terms (or None)
 
     start_step = 0
     if resume:
@@ -454,6 +456,7 @@ def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
             kl=args.kl,
             deterministic=adapter.deterministic,
         )
+        loss, extra_logs = add_loss_terms(loss_nets, step, loss, recon_local.to(dtype), x_local, numel=numel, acc=acc)
         acc.backward(loss)
         if args.max_grad_norm > 0 and acc.state.deepspeed_plugin is None:
             acc.clip_grad_norm_(params, args.max_grad_norm)
@@ -470,6 +473,7 @@ def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
         kl_mean = kl_sum / (args.batch_size * layout.dp_degree)  # per sample
         total = args.l1 * l1_mean + args.mse * mse_mean + args.kl * kl_sum / (numel * layout.dp_degree)
         record = {"step": step + 1, "loss": total, "l1": l1_mean, "mse": mse_mean, "kl": kl_mean, "lr": lr, "step_seconds": step_times[-1]}
+        record |= extra_logs
         history.append(record)
         if progress is not None:
             progress.update(1)
