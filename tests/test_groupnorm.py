@@ -65,12 +65,20 @@ def test_float64_exact_and_gradcheck(path):
 
 @pytest.mark.timeout(300)
 def test_float32_mean_1e4(path):
-    """Mean 1e4, std 1: E[x^2] - E[x]^2 keeps no digits; ours must be as good as torch's own float32 GroupNorm."""
-    x = (torch.randn(1, 4, 6, 64, dtype=torch.float64) + 1e4).float()
-    ref = F.group_norm(x.double(), 2, eps=1e-5)
-    own = _rel(F.group_norm(x, 2, eps=1e-5), ref)
-    ours = _rel(norm.distributed_group_norm(x, 2, None, None, 1e-5), ref)
-    assert ours <= 2 * own, f"{path}: {ours:.3e} vs torch's own {own:.3e}"
+    """Mean 1e4, std 1: E[x^2] - E[x]^2 keeps no digits; ours must be as good as torch's own float32 GroupNorm.
+
+    One input decides little (both errors are mostly the luck of rounding a mean near 1e4), so 16 seeded inputs:
+    our mean error at most torch's, our worst at most twice its worst. A float32 merge of the eager chunks'
+    statistics failed this (mean 3.2e-4 vs torch's 1.8e-4); the float64 merge gives 1.1e-4."""
+    g = torch.Generator().manual_seed(0)
+    errs = []
+    for _ in range(16):
+        x = (torch.randn(1, 4, 6, 64, dtype=torch.float64, generator=g) + 1e4).float()
+        ref = F.group_norm(x.double(), 2, eps=1e-5)
+        errs.append((_rel(norm.distributed_group_norm(x, 2, None, None, 1e-5), ref), _rel(F.group_norm(x, 2, eps=1e-5), ref)))
+    ours, own = [e[0] for e in errs], [e[1] for e in errs]
+    assert sum(ours) <= sum(own), f"{path}: mean {sum(ours) / 16:.3e} vs torch's own {sum(own) / 16:.3e}"
+    assert max(ours) <= 2 * max(own), f"{path}: worst {max(ours):.3e} vs torch's own {max(own):.3e}"
 
 
 def _bf16_rule(ours, unmodified, truth, where):

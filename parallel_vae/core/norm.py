@@ -166,18 +166,22 @@ def group_stats(x4: torch.Tensor, mode: str = "eager") -> tuple[torch.Tensor, to
     mean = m2 = None
     n = 0
     per = x4.shape[2]
-    for start, length in _chunks(x4):
+    chunks = list(_chunks(x4))
+    for start, length in chunks:
         mb, m2b = _stats_kernel(x4.narrow(-1, start, length))
         nb = per * length
         if mean is None:
             mean, m2, n = mb, m2b, nb
+            if len(chunks) > 1:  # the merge runs in float64 ((B, G) numbers): a float32 running mean of 1e4
+                mean, m2 = mean.double(), m2.double()  # would round at every chunk (3.2e-4 vs torch's 1.8e-4)
             continue
         delta = mb - mean
         tot = n + nb
         mean = mean + delta * (nb / tot)
         m2 = m2 + m2b + delta.square() * (n * nb / tot)
         n = tot
-    return mean, m2
+    dt = _stat_dtype(x4.dtype)
+    return mean.to(dt), m2.to(dt)
 
 
 def merge_stats(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
