@@ -30,6 +30,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from .core.comm import _all_gather_single, gather_rows, group_rank, group_size, scatter_rows
 from .core.fake import group_split, is_fake, record_split
+from .core.fingerprint import WORDS as _FP_WORDS, fingerprint_words, fingerprints_differ
 from .core.plan import SpatialState, apply_plan, remove_plan
 from .core.sharding import ShardingError, check_latent_height, check_pixel_height, nearest_valid, row_split, scale_sizes
 from .families import FamilyAdapter, adapter_for
@@ -61,7 +62,9 @@ _OPS = ["encode", "decode", "sharded_encode", "sharded_decode"]
 # --------------------------------------------------------------------------------------------------------------
 
 
-def enable_spatial_parallelism(vae, group: Optional[dist.ProcessGroup] = None, *, timeout: Optional[float] = None):
+def enable_spatial_parallelism(
+    vae, group: Optional[dist.ProcessGroup] = None, *, timeout: Optional[float] = None, check_inputs: bool = True
+):
     """Parallelize ``vae`` over the ranks of ``group`` by rows, in place, and return it.
 
     Arguments:
@@ -74,6 +77,10 @@ def enable_spatial_parallelism(vae, group: Optional[dist.ProcessGroup] = None, *
             shape agreement) before it fails with a ``SpatialTimeoutError`` naming the operation and, on gloo, the
             ranks that did not arrive. ``None``: the process group's own timeout (``init_process_group(timeout=)``,
             whose default is 30 minutes on gloo and 10 on NCCL; set it, e.g. ``datetime.timedelta(minutes=5)``).
+        check_inputs: in replicated mode (``vae.encode`` / ``vae.decode``), check that every rank holds the same
+            input: a fingerprint of a fixed sample of the input (``core/fingerprint.py``) travels in the shape
+            agreement, and a mismatch (typically an unseeded ``torch.randn`` per rank) raises a ``ShardingError``
+            on every rank. It costs three float64 sums over at most 65536 elements; ``False`` skips it.
 
     Returns:
         ``vae`` itself. With a group of one rank nothing is changed (the cheap no-op path).
@@ -102,6 +109,7 @@ def enable_spatial_parallelism(vae, group: Optional[dist.ProcessGroup] = None, *
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     state = SpatialState(group, size, adapter.spatial_factor(vae), adapter)
     state.timeout = timeout
+    state.check_inputs = bool(check_inputs)
     if size > 1:
         plan = adapter.plan(vae)  # raises before anything is changed if the model holds an unknown module
         apply_plan(vae, plan, state)
@@ -183,6 +191,7 @@ def _agree_sizes(vae, op: str, x: torch.Tensor, state: SpatialState) -> list[int
     dtype_code = _DTYPES.index(x.dtype) if x.dtype in _DTYPES else -1
     mine = [_OPS.index(op), dtype_code, x.dim()] + dims
     meta = torch.tensor(mine, dtype=torch.int64, device=x.device)
+    meta = torch.cat([meta, _input_fingerprint(x, sharded, state)])  # the last _FP_WORDS words of each row
     table = torch.empty((state.size, meta.numel()), dtype=torch.int64, device=x.device)
     timeout = getattr(state, "timeout", None)
     if timeout is None:
@@ -194,6 +203,8 @@ def _agree_sizes(vae, op: str, x: torch.Tensor, state: SpatialState) -> list[int
         rows = _fake_table(mine, state, op.startswith("sharded"), unit)
     else:
         rows = [[int(v) for v in r] for r in table.tolist()]
+    prints = [row[len(mine) :] for row in rows]
+    rows = [row[: len(mine)] for row in rows]
 
     def fail(msg: str):
         listing = "; ".join(f"rank {r}: {_describe(row)}" for r, row in enumerate(rows))
@@ -209,6 +220,7 @@ def _agree_sizes(vae, op: str, x: torch.Tensor, state: SpatialState) -> list[int
         if a != b:
             fail(f"ranks of the spatial group disagree on the input (rank 0 vs rank {r})")
     op_name = "decode" if latent else "encode"
+    _check_same_input(prints, op_name, fail)
     if ndim != adapter.ndim:
         layout = "(batch, channels, frames, height, width)" if adapter.video else "(batch, channels, height, width)"
         fail(f"{op_name} expects a {adapter.ndim}-D {layout} tensor, got {ndim}-D")
@@ -240,6 +252,26 @@ def _agree_sizes(vae, op: str, x: torch.Tensor, state: SpatialState) -> list[int
         hint = "" if latent else f" (nearest: {near})"
         fail(f"every rank's shard needs {need}; ranks {bad} have heights {[heights[r] for r in bad]}{hint}")
     return heights
+
+
+def _input_fingerprint(x: torch.Tensor, sharded: bool, state: SpatialState) -> torch.Tensor:
+    """This rank's input fingerprint for the agreement table (zeros where it is not checked: sharded mode, where the
+    inputs differ by design, ``check_inputs=False``, and fake tensors, which have no values)."""
+    if sharded or not getattr(state, "check_inputs", True) or is_fake(x):
+        return torch.zeros(_FP_WORDS, dtype=torch.int64, device=x.device)
+    return fingerprint_words(x)
+
+
+def _check_same_input(prints: list[list[int]], op_name: str, fail) -> None:
+    """Replicated mode: every rank must hold the same input; name the ranks whose fingerprint differs from rank 0's."""
+    differ = [r for r, p in enumerate(prints) if fingerprints_differ(prints[0], p)]
+    if differ:
+        fail(
+            f"{op_name}: ranks {differ} hold a different input from rank 0 (same shape, different values; replicated "
+            "mode needs the same full input on every rank). Likely cause: each rank drew its input with an unseeded "
+            "torch.randn: seed it the same on every rank (torch.manual_seed(0), or a torch.Generator), or "
+            "broadcast it from rank 0 (dist.broadcast). Opt out with enable_spatial_parallelism(check_inputs=False)"
+        )
 
 
 def _fake_table(mine: list[int], state: SpatialState, sharded: bool, unit: int) -> list[list[int]]:
