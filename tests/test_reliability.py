@@ -39,3 +39,76 @@ def test_replicated_inputs_that_differ_are_refused_on_every_rank(world):
     assert "unseeded torch.randn" in message and "check_inputs=False" in message
     # the documented opt-out: the op runs (and returns a stitched output, as before)
     assert all(r.value is None for r in run_ranks(_mismatch_worker, world, False, timeout=90))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# writes: nothing is reported unless it happened; a full disk leaves nothing behind; messages keep their text
+# ---------------------------------------------------------------------------------------------------------------
+
+from tests.test_faults import DECODE, _one_error, in_process  # noqa: E402,F401  (in_process: a fixture)
+
+
+@pytest.mark.timeout(60)
+def test_refused_frame_size_is_an_error_before_compute(tmp_path, in_process):
+    import torch
+    from safetensors.torch import save_file
+
+    wide = tmp_path / "wide.safetensors"
+    save_file({"latents": torch.zeros(1, 4, 1, 2, 2049)}, str(wide))  # 16392 pixels wide
+    out = tmp_path / "out"
+    code, err = in_process("decode", DECODE + ["--latents", str(wide), "--output_dir", str(out)])
+    line = _one_error(err, "decode.py")
+    assert code == 1 and "even and at most 16384" in line and "16392x16" in line, line
+    assert not out.exists()  # refused before the output folder is made
+
+
+@pytest.mark.timeout(60)
+def test_a_write_that_did_not_happen_is_an_error_and_leaves_nothing(tmp_path, monkeypatch):
+    import imageio.v3 as iio
+
+    from parallel_vae.jobs import video
+
+    real = iio.imwrite
+    monkeypatch.setattr(iio, "imwrite", lambda path, *a, **k: open(path, "wb").close())  # an encoder that wrote 0 B
+    for write, name, x in ((video.write_video, "v.mp4", video.demo_video(3, 16, 16)), (video.write_image, "i.png", video.demo_video(1, 16, 16)[:, 0])):
+        with pytest.raises(OSError, match=f"writing {tmp_path / name} failed: the encoder wrote an empty file"):
+            write(x, str(tmp_path / name))
+    monkeypatch.setattr(iio, "imwrite", lambda path, frames, **k: real(path, frames[:1], **k))  # a truncated video
+    with pytest.raises(OSError, match=r"reads back as \(1, 16, 16\), expected \(3, 16, 16\)"):
+        video.write_video(video.demo_video(3, 16, 16), str(tmp_path / "v.mp4"))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.timeout(120)
+def test_full_disk_removes_the_staged_files_and_names_the_path(tmp_path, in_process, monkeypatch):
+    import errno
+
+    from parallel_vae.jobs import decode_job
+
+    def full_disk(obj, path):
+        with open(path, "wb") as f:
+            f.write(b"{" * 4096)  # a truncated file, as a full disk leaves it
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(decode_job, "write_json", full_disk)
+    out = tmp_path / "out"
+    code, err = in_process("decode", DECODE + ["--max_frames", "1", "--output_dir", str(out)])
+    line = _one_error(err, "decode.py")
+    assert code == 1 and f"cannot write the outputs to {out}" in line and "[Errno 28] No space left on device" in line, line
+    assert "staged files" in line and ".tmp-run-" in line, line
+    assert list(out.iterdir()) == []  # the staged folder is gone
+
+
+def test_merged_messages_keep_sizes_and_names():
+    from parallel_vae.jobs.runtime import AgreedError, Runtime
+
+    class TwoRanks(Runtime):
+        distributed = True
+        world_size = 2
+
+        def gather_object(self, obj):
+            return [("image odd_60x90.png is 60x90; clips/clip_1280x720.mp4 @ 0x55d0c1a2b3c0", 1)] * 2
+
+    with pytest.raises(AgreedError) as e:
+        TwoRanks(accelerator=None).agree(ValueError("x"))
+    assert str(e.value) == "image odd_60x90.png is 60x90; clips/clip_1280x720.mp4 @ 0x…"

@@ -49,7 +49,9 @@ __all__ = [
 
 # How gloo and NCCL word a collective that ran past the process group's timeout.
 _TIMED_OUT = re.compile(r"timed? ?out|timeout", re.IGNORECASE)
-_POINTER = re.compile(r"0x[0-9a-fA-F]+")
+# An object address as C libraries print it ("@ 0x55d0c1a2b3c0"): a whole word, at least 6 hex digits, so that
+# sizes and file names ("60x90", "clip_1280x720.mp4") keep their text.
+_POINTER = re.compile(r"(?<![0-9A-Za-z_])0x[0-9a-fA-F]{6,}\b")
 
 # Errors that mean "the user's input cannot be used"; anything else is a bug and keeps its traceback.
 _INPUT_ERRORS = (InputError, ShardingError, OSError)
