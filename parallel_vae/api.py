@@ -29,6 +29,7 @@ import torch.distributed as dist
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from .core.comm import _all_gather_single, gather_rows, group_rank, group_size, scatter_rows
+from .core.failure import PeerFailure, fail_fast
 from .core.fake import group_split, is_fake, record_split
 from .core.fingerprint import WORDS as _FP_WORDS, fingerprint_words, fingerprints_differ
 from .core.plan import SpatialState, apply_plan, remove_plan
@@ -48,6 +49,7 @@ __all__ = [
     "gather_shards",
     "local_rows",
     "SpatialTimeoutError",
+    "PeerFailure",
 ]
 
 _STATE_ATTR = "_pv_state"
@@ -344,10 +346,11 @@ def _replicated_encode(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     extra, _ = _adapter(state).call_args(self, "_encode", args, kwargs)
     _check_tiling(self)
     sizes = _agree(self, "encode", x, state)
-    # (.., H, W) -> (.., H_r, W): my pixel rows; backward all-gathers the input gradient.
-    x_local = scatter_rows(x, state.group, dim=-2, sizes=sizes)
-    h_local = _adapter(state).encode_local(self, x_local, **extra)
-    return gather_rows(h_local, state.group, dim=-2, sizes=[s // state.factor for s in sizes])
+    with fail_fast(state.group, "encode"):  # a rank that raises from here on fails its peers at once
+        # (.., H, W) -> (.., H_r, W): my pixel rows; backward all-gathers the input gradient.
+        x_local = scatter_rows(x, state.group, dim=-2, sizes=sizes)
+        h_local = _adapter(state).encode_local(self, x_local, **extra)
+        return gather_rows(h_local, state.group, dim=-2, sizes=[s // state.factor for s in sizes])
 
 
 def _replicated_decode(self, z: torch.Tensor, *args, **kwargs):
@@ -357,9 +360,10 @@ def _replicated_decode(self, z: torch.Tensor, *args, **kwargs):
     extra, return_dict = adapter.call_args(self, "_decode", args, kwargs)
     _check_tiling(self)
     sizes = _agree(self, "decode", z, state)
-    z_local = scatter_rows(z, state.group, dim=-2, sizes=sizes)
-    out_local = adapter.decode_local(self, z_local, **extra)
-    out = gather_rows(out_local, state.group, dim=-2, sizes=scale_sizes(sizes, state.factor))
+    with fail_fast(state.group, "decode"):
+        z_local = scatter_rows(z, state.group, dim=-2, sizes=sizes)
+        out_local = adapter.decode_local(self, z_local, **extra)
+        out = gather_rows(out_local, state.group, dim=-2, sizes=scale_sizes(sizes, state.factor))
     return adapter.wrap_decoded(out, return_dict)
 
 
@@ -384,7 +388,8 @@ def sharded_encode(vae, x_local: torch.Tensor, **kwargs) -> DiagonalGaussianDist
     _check_tiling(vae)
     _agree(vae, "sharded_encode", x_local, state)
     parts = x_local.split(1) if getattr(vae, "use_slicing", False) and x_local.shape[0] > 1 else [x_local]
-    h = torch.cat([adapter.encode_local(vae, p, **extra) for p in parts])
+    with fail_fast(state.group, "sharded_encode"):
+        h = torch.cat([adapter.encode_local(vae, p, **extra) for p in parts])
     return adapter.posterior(h)
 
 
@@ -400,7 +405,8 @@ def sharded_decode(vae, z_local: torch.Tensor, **kwargs) -> torch.Tensor:
     _check_tiling(vae)
     _agree(vae, "sharded_decode", z_local, state)
     parts = z_local.split(1) if getattr(vae, "use_slicing", False) and z_local.shape[0] > 1 else [z_local]
-    return torch.cat([_adapter(state).decode_local(vae, p, **extra) for p in parts])
+    with fail_fast(state.group, "sharded_decode"):
+        return torch.cat([_adapter(state).decode_local(vae, p, **extra) for p in parts])
 
 
 def local_rows(vae, latent_height: int) -> tuple[int, int]:

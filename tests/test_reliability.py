@@ -112,3 +112,58 @@ def test_merged_messages_keep_sizes_and_names():
     with pytest.raises(AgreedError) as e:
         TwoRanks(accelerator=None).agree(ValueError("x"))
     assert str(e.value) == "image odd_60x90.png is 60x90; clips/clip_1280x720.mp4 @ 0x…"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fail fast: one rank raises inside an op, its peers fail within 5 s with its message
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _one_rank_fails_worker(rank, world, tmpdir):
+    """A fresh process (not run_ranks: a rank that abandoned a gloo wait leaves as a recipe does, with os._exit,
+    since destroy_process_group would wait for the abandoned work)."""
+    import json
+    import os
+    import time
+
+    import torch
+
+    import parallel_vae as pv
+    from parallel_vae.jobs.models import build_seeded_vae
+    from tests.dist_harness import _init_group
+
+    torch.set_num_threads(1)
+    _init_group(rank, world, tmpdir)
+    vae = build_seeded_vae(layout="sd", width=8, latent=4, seed=0)
+    pv.enable_spatial_parallelism(vae)
+    if rank == 1:
+        def broken(*args, **kwargs):
+            raise RuntimeError("CUDA out of memory (simulated on rank 1)")
+
+        vae.decoder.mid_block.forward = broken  # after the first halo exchanges; rank 0 then waits for rank 1
+    start = time.monotonic()
+    try:
+        vae.decode(torch.zeros(1, 4, 4, 4))
+        result = None
+    except Exception as e:  # noqa: BLE001 - the test inspects what was raised
+        result = type(e).__name__, str(e), time.monotonic() - start
+    with open(os.path.join(tmpdir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    os._exit(0)
+
+
+@pytest.mark.timeout(200)
+def test_one_rank_failing_inside_decode_fails_its_peers_within_5_s(tmp_path):
+    """Without the watch, rank 0 waits for gloo's 90 s timeout (the harness's 80 s deadline reports it)."""
+    import json
+    import multiprocessing as mp
+
+    from parallel_vae.jobs._spawn import run_with_deadline
+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_one_rank_fails_worker, args=(r, 2, str(tmp_path))) for r in range(2)]
+    assert run_with_deadline(procs, 80) == [], "a rank hung"
+    (kind, message, waited), failed = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert kind == "PeerFailure" and waited < 5, (kind, message, waited)
+    assert "rank 1 failed in decode: RuntimeError: CUDA out of memory (simulated on rank 1)" in message, message
+    assert failed[0] == "RuntimeError"  # the failing rank keeps its own error

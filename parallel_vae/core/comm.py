@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .fake import is_fake, proportional_sizes
+from .failure import wait_all
 from .sharding import ShardingError, row_split
 
 __all__ = [
@@ -116,12 +117,10 @@ def _nbytes(t: torch.Tensor) -> int:
 
 def _wait(works: Sequence) -> None:
     if _counter is None:
-        for work in works:
-            work.wait()
+        wait_all(works)  # core/failure.py: plain waits, or polled ones inside fail_fast
         return
     start = time.perf_counter()
-    for work in works:
-        work.wait()
+    wait_all(works)
     _counter.wait_s += time.perf_counter() - start
 
 
