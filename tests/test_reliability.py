@@ -167,3 +167,50 @@ def test_one_rank_failing_inside_decode_fails_its_peers_within_5_s(tmp_path):
     assert kind == "PeerFailure" and waited < 5, (kind, message, waited)
     assert "rank 1 failed in decode: RuntimeError: CUDA out of memory (simulated on rank 1)" in message, message
     assert failed[0] == "RuntimeError"  # the failing rank keeps its own error
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# no orphans: SIGKILL of the launcher ends its workers; nothing is written after it
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    from pathlib import Path
+
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        out += [int(c) for c in task.read_text().split()]
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_killing_the_launcher_ends_the_workers(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.launch import ACCELERATE, CONFIGS, REPO, free_port
+
+    out = tmp_path / "out"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "NETRC": str(tmp_path / "n")}
+    cmd = [str(ACCELERATE), "launch", "--config_file", str(CONFIGS / "cpu_2proc.yaml"), "--main_process_port",
+           str(free_port()), str(REPO / "recipes/decode.py"), "--seeded", "wan2.1:32:16", "--no_progress",
+           "--parallel", "on", "--output_dir", str(out)]  # fmt: skip
+    launcher = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 200
+    while not out.exists() and launcher.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # the output folder exists: both workers are past start-up, before the encode
+    assert launcher.poll() is None and out.exists(), "the run ended before it could be killed"
+    workers = [c for p in _children(launcher.pid) for c in [p, *_children(p)]]
+    workers = [w for w in workers if "decode.py" in open(f"/proc/{w}/cmdline").read()]
+    assert len(workers) == 2, workers
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    gone = time.monotonic() + 10
+    while any(os.path.exists(f"/proc/{w}") and open(f"/proc/{w}/stat").read().split()[2] != "Z" for w in workers):
+        assert time.monotonic() < gone, "workers outlived their launcher"
+        time.sleep(0.05)
+    time.sleep(2)
+    assert sorted(p.name for p in out.iterdir()) == [], "written after the launcher died"

@@ -185,6 +185,25 @@ class Runtime:
             dist.destroy_process_group()
 
 
+def die_with_launcher() -> None:
+    """Ask the kernel to SIGKILL this process when its parent (the launcher: ``accelerate launch`` / torchrun)
+    dies, so that killing the launcher leaves no worker running on, writing outputs (Linux: PR_SET_PDEATHSIG;
+    elsewhere a no-op). A parent already gone before the call (the process was re-parented) ends this one now."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent or parent == 1:
+        os._exit(1)
+
+
 def start_runtime(
     *, timeout_s: float = DEFAULT_TIMEOUT_S, log_with: Optional[str] = None, prog: str = "recipe", **accelerator_kwargs
 ) -> Runtime:
@@ -200,6 +219,7 @@ def start_runtime(
     cuda = torch.cuda.is_available()
     handlers = []
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        die_with_launcher()
         handlers.append(
             InitProcessGroupKwargs(backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
         )
