@@ -214,3 +214,79 @@ def test_killing_the_launcher_ends_the_workers(tmp_path):
         time.sleep(0.05)
     time.sleep(2)
     assert sorted(p.name for p in out.iterdir()) == [], "written after the launcher died"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# friction: one --seeded parser with small default widths, shared flags, flags checked before heavy imports,
+# checkpoints on by default with a retention limit
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _parsers():
+    from tests.test_faults import _recipe
+
+    return _recipe("decode").build_parser(), _recipe("finetune").build_parser()
+
+
+def test_one_seeded_parser_with_small_default_widths():
+    from parallel_vae.jobs.cli import SEEDED_DEFAULT_WIDTH, UsageError, parse_seeded_spec
+    from parallel_vae.jobs.loading import parse_seeded
+    from parallel_vae.jobs.models import build_seeded_vae
+
+    assert parse_seeded_spec("flux1") == ("flux1", SEEDED_DEFAULT_WIDTH, None) and SEEDED_DEFAULT_WIDTH <= 16
+    assert parse_seeded_spec("mochi")[1] == 32 and parse_seeded_spec("sd:16") == ("sd", 16, None)
+    vae = build_seeded_vae(**parse_seeded("flux1"), seed=0)
+    assert sum(p.numel() for p in vae.parameters()) < 2_000_000  # not the real 83.8 M
+    for bad in ("nope", "sd:0", "sd:x", "mochi:40", "sd:1:2:3"):
+        with pytest.raises(UsageError, match="--seeded"):
+            parse_seeded_spec(bad)
+
+
+def test_both_recipes_share_the_common_flags():
+    decode, finetune = _parsers()
+    for flags in (["--no_progress"], ["--seeded", "sd:16"], ["--timeout", "5"], ["--report_to", "none"]):
+        assert decode.parse_args(flags) and finetune.parse_args(flags)
+    args = finetune.parse_args([])
+    assert (args.checkpoint_every, args.checkpoints_total_limit) == (50, 2)  # resumable by default, bounded
+
+
+@pytest.mark.timeout(60)
+def test_flag_mistakes_fail_before_the_heavy_imports(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.launch import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for recipe in ("decode", "finetune"):
+        for flags, text in ((["--seeded", "nope"], "expected LAYOUT[:WIDTH[:LATENT]]"), (["--bogus"], "unrecognized")):
+            start = time.monotonic()
+            proc = subprocess.run([sys.executable, "-X", "importtime", str(REPO / "recipes" / f"{recipe}.py"), *flags,
+                                   "--output_dir", str(tmp_path / recipe)], capture_output=True, text=True, env=env, timeout=50)  # fmt: skip
+            assert proc.returncode == 2 and text in proc.stderr and time.monotonic() - start < 10, proc.stderr[-2000:]
+            assert "| torch\n" not in proc.stderr and "| diffusers\n" not in proc.stderr
+            assert not (tmp_path / recipe).exists()  # no empty output folder
+
+
+def test_checkpoints_keep_the_newest_n(tmp_path):
+    from parallel_vae.jobs.finetune_job import _save_checkpoint
+
+    class FakeRuntime:
+        is_main = True
+
+        class accelerator:
+            @staticmethod
+            def save_state(folder):
+                os.makedirs(folder)
+                open(os.path.join(folder, "model.bin"), "wb").close()
+
+        def barrier(self):
+            pass
+
+    import os
+
+    for step in range(1, 6):
+        _save_checkpoint(FakeRuntime(), str(tmp_path), step, {}, keep=2)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_000004", "step_000005"]
