@@ -20,7 +20,7 @@ _LAZY = {
     **dict.fromkeys(
         ["disable_spatial_parallelism", "enable_spatial_parallelism", "gather_shards", "is_spatially_parallel",
          "local_rows", "shard_latents", "shard_video", "sharded_decode", "sharded_encode", "spatial_group",
-         "spatial_size", "SpatialTimeoutError"],
+         "spatial_size", "SpatialTimeoutError", "PeerFailure"],
         ".api",
     ),
     "decode_video": ".pipeline",
@@ -75,6 +75,7 @@ __all__ = [
     "gather_rows",
     "ShardingError",
     "SpatialTimeoutError",
+    "PeerFailure",
     "row_split",
     "row_offsets",
     "spatial_factor",

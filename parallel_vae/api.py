@@ -30,7 +30,9 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from ._deps import check_diffusers
 from .core.comm import _all_gather_single, gather_rows, group_rank, group_size, scatter_rows
+from .core.failure import PeerFailure, fail_fast
 from .core.fake import group_split, no_values, record_split
+from .core.fingerprint import WORDS as _FP_WORDS, fingerprint_words, fingerprints_differ
 from .core.hooks import check_hooks, execution_device as hook_device, follow_class, restore_hooks, verify as verify_hooks
 from .core.plan import SpatialState, apply_plan, remove_plan
 from .core.sharding import ShardingError, check_latent_height, check_pixel_height, nearest_valid, row_split, scale_sizes
@@ -49,6 +51,7 @@ __all__ = [
     "gather_shards",
     "local_rows",
     "SpatialTimeoutError",
+    "PeerFailure",
 ]
 
 _STATE_ATTR = "_pv_state"
@@ -63,7 +66,9 @@ _OPS = ["encode", "decode", "sharded_encode", "sharded_decode"]
 # --------------------------------------------------------------------------------------------------------------
 
 
-def enable_spatial_parallelism(vae, group: Optional[dist.ProcessGroup] = None, *, timeout: Optional[float] = None):
+def enable_spatial_parallelism(
+    vae, group: Optional[dist.ProcessGroup] = None, *, timeout: Optional[float] = None, check_inputs: bool = True
+):
     """Parallelize ``vae`` over the ranks of ``group`` by rows, in place, and return it.
 
     Arguments:
@@ -76,6 +81,10 @@ def enable_spatial_parallelism(vae, group: Optional[dist.ProcessGroup] = None, *
             shape agreement) before it fails with a ``SpatialTimeoutError`` naming the operation and, on gloo, the
             ranks that did not arrive. ``None``: the process group's own timeout (``init_process_group(timeout=)``,
             whose default is 30 minutes on gloo and 10 on NCCL; set it, e.g. ``datetime.timedelta(minutes=5)``).
+        check_inputs: in replicated mode (``vae.encode`` / ``vae.decode``), check that every rank holds the same
+            input: a fingerprint of a fixed sample of the input (``core/fingerprint.py``) travels in the shape
+            agreement, and a mismatch (typically an unseeded ``torch.randn`` per rank) raises a ``ShardingError``
+            on every rank. It costs three float64 sums over at most 65536 elements; ``False`` skips it.
 
     Returns:
         ``vae`` itself. With a group of one rank nothing is changed (the cheap no-op path).
@@ -106,6 +115,7 @@ def enable_spatial_parallelism(vae, group: Optional[dist.ProcessGroup] = None, *
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     state = SpatialState(group, size, adapter.spatial_factor(vae), adapter)
     state.timeout = timeout
+    state.check_inputs = bool(check_inputs)
     if size > 1:
         plan = adapter.plan(vae)  # raises before anything is changed if the model holds an unknown module
         check_hooks(vae, plan)  # likewise for a diffusers/accelerate hook that cannot compose (core/hooks.py)
@@ -224,6 +234,8 @@ def _agree_sizes(vae, op: str, x: torch.Tensor, state: SpatialState) -> list[int
     on_device = int(x.device == device)
     mine = [_OPS.index(op), dtype_code, x.dim()] + dims + [on_device]
     meta = torch.tensor(mine, dtype=torch.int64, device=device)
+    # the last _FP_WORDS words of each row: the input's fingerprint (replicated mode)
+    meta = torch.cat([meta, _input_fingerprint(x, sharded, state, on_device).to(device)])
     table = torch.empty((state.size, meta.numel()), dtype=torch.int64, device=device)
     timeout = getattr(state, "timeout", None)
     if timeout is not None:
@@ -233,6 +245,8 @@ def _agree_sizes(vae, op: str, x: torch.Tensor, state: SpatialState) -> list[int
         rows = _fake_table(mine, state, op.startswith("sharded"), unit)
     else:
         rows = [[int(v) for v in r] for r in table.tolist()]  # the one host read of the call
+    prints = [row[len(mine) :] for row in rows]
+    rows = [row[: len(mine)] for row in rows]
 
     def fail(msg: str):
         listing = "; ".join(f"rank {r}: {_describe(row)}" for r, row in enumerate(rows))
@@ -255,6 +269,7 @@ def _agree_sizes(vae, op: str, x: torch.Tensor, state: SpatialState) -> list[int
         if a != b:
             fail(f"ranks of the spatial group disagree on the input (rank 0 vs rank {r})")
     op_name = "decode" if latent else "encode"
+    _check_same_input(prints, op_name, fail)
     if ndim != adapter.ndim:
         layout = "(batch, channels, frames, height, width)" if adapter.video else "(batch, channels, height, width)"
         fail(f"{op_name} expects a {adapter.ndim}-D {layout} tensor, got {ndim}-D")
@@ -286,6 +301,27 @@ def _agree_sizes(vae, op: str, x: torch.Tensor, state: SpatialState) -> list[int
         hint = "" if latent else f" (nearest: {near})"
         fail(f"every rank's shard needs {need}; ranks {bad} have heights {[heights[r] for r in bad]}{hint}")
     return heights
+
+
+def _input_fingerprint(x: torch.Tensor, sharded: bool, state: SpatialState, on_device: bool) -> torch.Tensor:
+    """This rank's input fingerprint for the agreement table (zeros where it is not checked: sharded mode, where the
+    inputs differ by design, ``check_inputs=False``, fake and meta tensors, which have no values, and an input on
+    another device than the model's, which the table reports instead)."""
+    if sharded or not getattr(state, "check_inputs", True) or no_values(x) or not on_device:
+        return torch.zeros(_FP_WORDS, dtype=torch.int64, device=x.device)
+    return fingerprint_words(x)
+
+
+def _check_same_input(prints: list[list[int]], op_name: str, fail) -> None:
+    """Replicated mode: every rank must hold the same input; name the ranks whose fingerprint differs from rank 0's."""
+    differ = [r for r, p in enumerate(prints) if fingerprints_differ(prints[0], p)]
+    if differ:
+        fail(
+            f"{op_name}: ranks {differ} hold a different input from rank 0 (same shape, different values; replicated "
+            "mode needs the same full input on every rank). Likely cause: each rank drew its input with an unseeded "
+            "torch.randn: seed it the same on every rank (torch.manual_seed(0), or a torch.Generator), or "
+            "broadcast it from rank 0 (dist.broadcast). Opt out with enable_spatial_parallelism(check_inputs=False)"
+        )
 
 
 def _fake_table(mine: list[int], state: SpatialState, sharded: bool, unit: int) -> list[list[int]]:
@@ -365,10 +401,11 @@ def _replicated_encode(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     extra, _ = _adapter(state).call_args(self, "_encode", args, kwargs)
     _check_tiling(self)
     sizes = _agree(self, "encode", x, state)
-    # (.., H, W) -> (.., H_r, W): my pixel rows; backward all-gathers the input gradient.
-    x_local = scatter_rows(x, state.group, dim=-2, sizes=sizes)
-    h_local = _adapter(state).encode_local(self, x_local, **extra)
-    return gather_rows(h_local, state.group, dim=-2, sizes=[s // state.factor for s in sizes])
+    with fail_fast(state.group, "encode"):  # a rank that raises from here on fails its peers at once
+        # (.., H, W) -> (.., H_r, W): my pixel rows; backward all-gathers the input gradient.
+        x_local = scatter_rows(x, state.group, dim=-2, sizes=sizes)
+        h_local = _adapter(state).encode_local(self, x_local, **extra)
+        return gather_rows(h_local, state.group, dim=-2, sizes=[s // state.factor for s in sizes])
 
 
 def _replicated_decode(self, z: torch.Tensor, *args, **kwargs):
@@ -378,9 +415,10 @@ def _replicated_decode(self, z: torch.Tensor, *args, **kwargs):
     extra, return_dict = adapter.call_args(self, "_decode", args, kwargs)
     _check_tiling(self)
     sizes = _agree(self, "decode", z, state)
-    z_local = scatter_rows(z, state.group, dim=-2, sizes=sizes)
-    out_local = adapter.decode_local(self, z_local, **extra)
-    out = gather_rows(out_local, state.group, dim=-2, sizes=scale_sizes(sizes, state.factor))
+    with fail_fast(state.group, "decode"):
+        z_local = scatter_rows(z, state.group, dim=-2, sizes=sizes)
+        out_local = adapter.decode_local(self, z_local, **extra)
+        out = gather_rows(out_local, state.group, dim=-2, sizes=scale_sizes(sizes, state.factor))
     return adapter.wrap_decoded(out, return_dict)
 
 
@@ -405,7 +443,8 @@ def sharded_encode(vae, x_local: torch.Tensor, **kwargs) -> DiagonalGaussianDist
     _check_tiling(vae)
     _agree(vae, "sharded_encode", x_local, state)
     parts = x_local.split(1) if getattr(vae, "use_slicing", False) and x_local.shape[0] > 1 else [x_local]
-    h = torch.cat([adapter.encode_local(vae, p, **extra) for p in parts])
+    with fail_fast(state.group, "sharded_encode"):
+        h = torch.cat([adapter.encode_local(vae, p, **extra) for p in parts])
     return adapter.posterior(h)
 
 
@@ -421,7 +460,8 @@ def sharded_decode(vae, z_local: torch.Tensor, **kwargs) -> torch.Tensor:
     _check_tiling(vae)
     _agree(vae, "sharded_decode", z_local, state)
     parts = z_local.split(1) if getattr(vae, "use_slicing", False) and z_local.shape[0] > 1 else [z_local]
-    return torch.cat([_adapter(state).decode_local(vae, p, **extra) for p in parts])
+    with fail_fast(state.group, "sharded_decode"):
+        return torch.cat([_adapter(state).decode_local(vae, p, **extra) for p in parts])
 
 
 def local_rows(vae, latent_height: int) -> tuple[int, int]:

@@ -42,9 +42,11 @@ except ImportError:  # run from a checkout without installing: the package sits 
 from parallel_vae.jobs.cli import (
     AUTO_MIN_GFLOP_PER_RANK,
     DTYPE_NAMES,
+    SEEDED_DEFAULT_WIDTH,
     SEEDED_LAYOUT_NAMES,
     ArgumentParser,
     add_runtime_args,
+    check_early,
     help_requested,
     print_help_once,
 )
@@ -84,7 +86,8 @@ def build_parser() -> ArgumentParser:
     m.add_argument(
         "--seeded",
         metavar="LAYOUT[:WIDTH[:LATENT]]",
-        help="a seeded, untrained model of a family's real layout at a small width, for tests and benchmarks: "
+        help="a seeded, untrained model of a family's real layout at a small width (default "
+        f"{SEEDED_DEFAULT_WIDTH}, Mochi 32), for tests and benchmarks: "
         f"LAYOUT is one of {', '.join(SEEDED_LAYOUT_NAMES)} "
         "(e.g. sd:32:4; mochi widths are multiples of 32)",
     )
@@ -166,7 +169,6 @@ def build_parser() -> ArgumentParser:
         help="also write decoded.safetensors: the decoded video tensor ('video', (B, C, T, H, W) in [-1, 1], the "
         "model dtype) before mp4 encoding, for exact comparisons",
     )
-    o.add_argument("--no_progress", action="store_true", help="no progress bar (default: one on the main rank)")
 
     par = p.add_argument_group("parallelism")
     par.add_argument(
@@ -192,6 +194,9 @@ def main(argv=None) -> int:
     parser = build_parser()
     if help_requested(argv):
         return print_help_once(parser)
+    early = check_early(parser, argv)  # flag mistakes before the heavy imports
+    if early is not None:
+        return early
     from parallel_vae._deps import require_extra
 
     require_extra("recipes", "recipes/decode.py")

@@ -25,8 +25,15 @@ except ImportError:  # run from a checkout without installing: the package sits 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Only the torch-free command line here: --help answers before torch, diffusers or deepspeed load.
-from parallel_vae.jobs.cli import ArgumentParser, add_finetune_args, add_runtime_args, help_requested, print_help_once
-from parallel_vae.jobs.cli import add_loss_args
+from parallel_vae.jobs.cli import (
+    ArgumentParser,
+    add_finetune_args,
+    add_loss_args,
+    add_runtime_args,
+    check_early,
+    help_requested,
+    print_help_once,
+)
 
 
 def build_parser() -> ArgumentParser:
@@ -43,6 +50,9 @@ def main(argv=None) -> int:
     parser = build_parser()
     if help_requested(argv):
         return print_help_once(parser)
+    early = check_early(parser, argv)  # flag mistakes before the heavy imports
+    if early is not None:
+        return early
     from parallel_vae._deps import require_extra
 
     require_extra("recipes", "recipes/finetune.py")

@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .fake import is_fake, proportional_sizes
+from .failure import wait_tensor
 from .sharding import ShardingError, row_split
 
 __all__ = [
@@ -132,10 +133,12 @@ def _counting() -> bool:
 
 def _wait_tensor(t: torch.Tensor) -> torch.Tensor:
     """Wait for a functional collective's result (identity for autograd); the wait is timed when counting."""
-    if not _counting():
+    if torch.compiler.is_compiling():
         return torch.ops._c10d_functional.wait_tensor(t)
+    if not _counting():
+        return wait_tensor(t)  # core/failure.py: a plain wait, or a watched one inside fail_fast
     start = time.perf_counter()
-    out = torch.ops._c10d_functional.wait_tensor(t)
+    out = wait_tensor(t)
     _counter.wait_s += time.perf_counter() - start
     return out
 

@@ -24,6 +24,9 @@ __all__ = [
     "add_runtime_args",
     "add_finetune_args",
     "add_loss_args",
+    "parse_seeded_spec",
+    "check_early",
+    "SEEDED_DEFAULT_WIDTH",
     "help_requested",
     "exit_process",
 ]
@@ -43,6 +46,50 @@ SEEDED_LAYOUT_NAMES = (
     "wan2.1", "wan2.2", "sd", "sdxl", "sd3", "flux1", "flux2", "qwenimage", "hunyuanvideo", "hunyuanvideo15",
     "cogvideox", "dcae", "ltxvideo", "ltx2", "mochi",
 )  # fmt: skip
+
+
+# The width a --seeded LAYOUT with no width is built at: small, since a seeded model is untrained (for tests,
+# benchmarks and trying the recipes) and the real widths take minutes on a CPU (flux1 84 M parameters,
+# hunyuanvideo 246 M). Mochi's widths are multiples of 32.
+SEEDED_DEFAULT_WIDTH = 16
+_SEEDED_MIN_MULTIPLE = {"mochi": 32}
+
+
+def parse_seeded_spec(spec: str) -> tuple[str, int, "Optional[int]"]:
+    """``--seeded LAYOUT[:WIDTH[:LATENT]]`` -> (layout, width, latent or None), the syntax both recipes share,
+    checked without torch (before a launch's heavy imports). WIDTH defaults to ``SEEDED_DEFAULT_WIDTH`` (Mochi: 32);
+    LATENT to the layout's real latent channels."""
+    parts = spec.split(":")
+    if not parts[0] or parts[0] not in SEEDED_LAYOUT_NAMES or len(parts) > 3:
+        raise UsageError(
+            f"--seeded {spec!r}: expected LAYOUT[:WIDTH[:LATENT]] with LAYOUT one of {', '.join(SEEDED_LAYOUT_NAMES)}"
+        )
+    values = []
+    for key, text in zip(("width", "latent"), parts[1:]):
+        if not text.isdigit() or int(text) < 1:
+            raise UsageError(f"--seeded {spec!r}: {key} must be a positive integer, got {text!r}")
+        values.append(int(text))
+    layout = parts[0]
+    multiple = _SEEDED_MIN_MULTIPLE.get(layout, 1)
+    width = values[0] if values else max(SEEDED_DEFAULT_WIDTH, multiple)
+    if width % multiple:
+        raise UsageError(f"--seeded {spec!r}: {layout} widths are multiples of {multiple}, got {width}")
+    return layout, width, values[1] if len(values) > 1 else None
+
+
+def check_early(parser: argparse.ArgumentParser, argv: Optional[list[str]]) -> Optional[int]:
+    """Parse ``argv`` and check what needs no torch (the flags' syntax, ``--seeded``), before a launch's heavy
+    imports: a mistake then costs a second, not the 7 to 25 s of importing torch, diffusers and accelerate. Returns
+    the exit status to leave with (2, printed by rank 0 only) or ``None`` to go on."""
+    try:
+        args = parser.parse_args(argv)
+        if getattr(args, "seeded", None):
+            parse_seeded_spec(args.seeded)
+    except UsageError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{parser.prog}: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return None
 
 
 class UsageError(InputError):
@@ -86,6 +133,7 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--tracker_project", default="parallel_vae", help="wandb project name (default: %(default)s)")
     g.add_argument("--run_name", default=None, help="wandb run name (default: wandb picks one)")
+    g.add_argument("--no_progress", action="store_true", help="no progress bar (default: one on the main rank)")
     g.add_argument(
         "--timeout",
         type=float,
@@ -105,10 +153,11 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--single_file", metavar="PATH", help="single-file checkpoint to start from")
     m.add_argument(
         "--seeded",
-        metavar="LAYOUT:BASE_DIM:Z_DIM",
-        help="start from a freshly initialized, seeded model of a real layout at this width, LAYOUT:WIDTH:LATENT with "
-        "LAYOUT one of " + ", ".join(SEEDED_LAYOUT_NAMES) + ", e.g. wan2.1:12:16 (the embedded default checkpoint was "
-        "trained from wan2.1:12:16 with --seeded_init zero_residual) or sd:32:4 (image VAEs train on single frames)",
+        metavar="LAYOUT[:WIDTH[:LATENT]]",
+        help="start from a freshly initialized, seeded model of a real layout at a small width (default "
+        f"{SEEDED_DEFAULT_WIDTH}, Mochi 32) with LAYOUT one of " + ", ".join(SEEDED_LAYOUT_NAMES) + ", e.g. "
+        "wan2.1:12:16 (the embedded default checkpoint was trained from wan2.1:12:16 with --seeded_init "
+        "zero_residual) or sd:32:4 (image VAEs train on single frames)",
     )
     m.add_argument(
         "--seeded_init",
@@ -219,7 +268,18 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
     io = p.add_argument_group("validation, checkpoints, output")
     io.add_argument("--output_dir", default="outputs/finetune", help="run folder (default: %(default)s)")
     io.add_argument("--validate_every", type=int, default=50, help="validate every N steps, 0 = only at the end (default: %(default)s)")
-    io.add_argument("--checkpoint_every", type=int, default=0, help="accelerate save_state every N steps, 0 = off (default: %(default)s)")
+    io.add_argument(
+        "--checkpoint_every",
+        type=int,
+        default=50,
+        help="accelerate save_state every N steps and at the last step, 0 = off (default: %(default)s)",
+    )
+    io.add_argument(
+        "--checkpoints_total_limit",
+        type=int,
+        default=2,
+        help="keep the newest N checkpoints, deleting older ones after each save, 0 = keep all (default: %(default)s)",
+    )
     io.add_argument(
         "--resume",
         default=None,

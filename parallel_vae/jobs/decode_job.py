@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import socket
 import time
 import uuid
@@ -44,7 +45,7 @@ from .runtime import Runtime, UsageError, start_tracking
 from ..core.sharding import nearest_valid, row_split
 from .fake_run import decode_flops_per_rank
 from .models import build_seeded_vae
-from .video import contact_sheet, demo_video, read_image, read_video, write_image, write_video
+from .video import check_video_size, contact_sheet, demo_video, read_image, read_video, write_image, write_video
 from ..families import adapter_for, latent_channels, pixel_channels, spatial_factor
 
 __all__ = ["AUTO_MIN_GFLOP_PER_RANK", "ParallelPlan", "plan_parallel", "DecodeInput", "read_input", "run_decode"]
@@ -294,6 +295,7 @@ def run_decode(rt: Runtime, args: argparse.Namespace) -> Optional[dict]:
         plan = plan_parallel(
             args.parallel, latent_shape, world, args.auto_threshold, spatial_factor(vae), gflop, min_rows
         )
+        _check_output_size(vae, inp, latent_shape, args.output_dir)
     # step 3: the output folder (main rank), before any compute, so an unwritable folder fails in seconds; the
     # temporaries a killed run left there are cleared.
     out_dir = os.path.abspath(args.output_dir)
@@ -392,11 +394,34 @@ def _commit(stage: str, out_dir: str, names: list[str]) -> None:
     os.rmdir(stage)
 
 
+def _check_output_size(vae, inp: DecodeInput, latent_shape: tuple, out_dir: str) -> None:
+    """Before any compute: a video whose frames libx264 cannot encode is refused (the comparison video of a round
+    trip stacks input and reconstruction, twice the height)."""
+    if len(latent_shape) != 5:
+        return
+    f = spatial_factor(vae)
+    height, width = latent_shape[-2] * f, latent_shape[-1] * f
+    check_video_size(height, width, os.path.join(out_dir, "video.mp4"))
+    if inp.video is not None:
+        check_video_size(2 * height, width, os.path.join(out_dir, "comparison.mp4"))
+
+
 def _write_outputs(rt, args, vae, source, inp, plan, decoded, stats, out_dir) -> dict:
     run_id = uuid.uuid4().hex[:12]
     stage = os.path.join(out_dir, f"{TMP_PREFIX}run-{run_id}")  # cleared by the next run if this one is killed
     os.makedirs(stage)
-    metrics = _write_staged(rt, args, vae, source, inp, plan, decoded, stats, stage, run_id)
+    try:
+        metrics = _write_staged(rt, args, vae, source, inp, plan, decoded, stats, stage, run_id)
+    except BaseException as e:
+        # A failed write (a full disk, an encoder that refused) leaves nothing behind, and says where it wrote.
+        shutil.rmtree(stage, ignore_errors=True)
+        if isinstance(e, OSError):
+            cause = f"[Errno {e.errno}] {e.strerror}" if e.errno else str(e)
+            where = f" ({e.filename})" if e.filename else ""
+            raise OSError(
+                e.errno, f"cannot write the outputs to {out_dir}{where}: {cause}; the staged files ({stage}) were removed"
+            ) from None
+        raise
     names = metrics["videos"] + metrics["images"]
     names += [metrics[k] for k in ("contact_sheet", "comparison", "tensor_file") if metrics[k]]
     _commit(stage, out_dir, names)

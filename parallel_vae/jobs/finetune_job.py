@@ -26,7 +26,7 @@ from ..api import enable_spatial_parallelism, shard_video
 from ..families import adapter_for, spatial_factor
 from ..checkpointing import enable_gradient_checkpointing
 from ..errors import InputError
-from .loading import load_vae
+from .loading import load_vae, parse_seeded
 from .metrics import peak_memory_bytes, psnr, ssim
 from .reductions import sum_over_ranks
 from .models import SEEDED_LAYOUTS, build_seeded_vae, build_wan_vae, inflate_temporal, temporal_resampling_convs
@@ -188,22 +188,14 @@ def _load_model(args, dtype: torch.dtype):
     if len(sources) > 1:
         raise UsageError("give at most one of --pretrained, --single_file, --seeded")
     if args.seeded:
-        m = _SEEDED_RE.match(args.seeded)
-        if not m or m.group(1) not in SEEDED_LAYOUTS:
-            raise UsageError(
-                f"--seeded must look like wan2.1:12:8 (LAYOUT:WIDTH:LATENT, LAYOUT one of {', '.join(SEEDED_LAYOUTS)}), "
-                f"got {args.seeded!r}"
-            )
-        layout, base, z = m.group(1), int(m.group(2)), int(m.group(3))
+        spec = parse_seeded(args.seeded)  # the decode recipe's parser: LAYOUT[:WIDTH[:LATENT]]
+        layout, base, z = spec["layout"], spec["width"], spec.get("latent")
         if layout.startswith("wan"):
             vae = build_wan_vae(layout, base_dim=base, z_dim=z, seed=args.seed, dtype=dtype, init=args.seeded_init)
         elif args.seeded_init != "pytorch":
             raise UsageError(f"--seeded_init {args.seeded_init} is for Wan layouts only")
         else:
-            try:
-                vae = build_seeded_vae(layout, width=base, latent=z, seed=args.seed, dtype=dtype)
-            except ValueError as e:  # a width the layout cannot take (Mochi: multiples of 32)
-                raise UsageError(f"--seeded {args.seeded!r}: {e}") from None
+            vae = build_seeded_vae(layout, width=base, latent=z, seed=args.seed, dtype=dtype)
         source = {"kind": "seeded", "layout": layout, "base_dim": base, "z_dim": z, "seed": args.seed,
                   "init": args.seeded_init}  # fmt: skip
     else:
@@ -233,6 +225,8 @@ def _check_args(args, world: int) -> None:
         raise UsageError("--batch_size must be positive")
     if args.seeded_init != "pytorch" and not args.seeded:
         raise UsageError("--seeded_init applies to a --seeded model only (a loaded model keeps its weights)")
+    if args.checkpoint_every < 0 or args.checkpoints_total_limit < 0:
+        raise UsageError("--checkpoint_every and --checkpoints_total_limit must be >= 0 (0: off / keep all)")
     if args.resume and args.overwrite:
         raise UsageError("--resume continues the run in --output_dir and --overwrite deletes it: give one of them")
 
@@ -428,7 +422,7 @@ def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
     numel = args.batch_size * adapter.pixel_channels(vae) * args.frames * args.height * args.width
     history, val_history = [], []
     progress = None
-    if rt.is_main:
+    if rt.is_main and not args.no_progress:
         from tqdm.auto import tqdm
 
         progress = tqdm(total=args.max_steps, initial=start_step, desc="finetune", unit="step")
@@ -485,7 +479,7 @@ def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
         if (args.validate_every and (step + 1) % args.validate_every == 0) or last:
             val_history.append(_validate(rt, layout, vae, val_data, step + 1, args, dtype, step_times))
         if args.checkpoint_every and ((step + 1) % args.checkpoint_every == 0 or last):
-            _save_checkpoint(rt, args.output_dir, step + 1, config)
+            _save_checkpoint(rt, args.output_dir, step + 1, config, keep=args.checkpoints_total_limit)
     if progress is not None:
         progress.close()
     if not history and not val_history:  # --max_steps 0, or resumed at the end: validate what is exported
@@ -583,10 +577,11 @@ def _validate(rt: Runtime, layout, vae, val_data, step: int, args, dtype, step_t
     return result
 
 
-def _save_checkpoint(rt: Runtime, output_dir: str, step: int, config: dict) -> None:
+def _save_checkpoint(rt: Runtime, output_dir: str, step: int, config: dict, keep: int = 0) -> None:
     """accelerate save_state (every rank: collective under DeepSpeed) into a temporary folder; the main rank adds
     trainer_state.json (the step and the run configuration) and renames the folder into place once every rank has
-    finished. A kill at any point leaves the previous checkpoints as they were, and only a stale temporary."""
+    finished, then deletes all but the newest ``keep`` checkpoints (0: keep all). A kill at any point leaves the
+    previous checkpoints as they were, and only a stale temporary."""
     folder = os.path.join(output_dir, "checkpoints")
     path = os.path.join(folder, f"step_{step:06d}")
     tmp = os.path.join(folder, f"{TMP_PREFIX}step_{step:06d}")  # the same name on every rank
@@ -601,6 +596,9 @@ def _save_checkpoint(rt: Runtime, output_dir: str, step: int, config: dict) -> N
         if os.path.isdir(path):  # the same step saved again (a resumed run): replace it whole
             shutil.rmtree(path)
         os.replace(tmp, path)
+        steps = sorted(n for n in os.listdir(folder) if re.fullmatch(r"step_\d+", n))
+        for old in steps[: max(len(steps) - keep, 0)] if keep > 0 else []:
+            shutil.rmtree(os.path.join(folder, old))
     rt.barrier()
 
 

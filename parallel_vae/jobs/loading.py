@@ -40,6 +40,7 @@ from diffusers import AutoencoderKLWan
 from diffusers.utils import logging as diffusers_logging
 
 from ..errors import InputError
+from .cli import UsageError
 from ..families import FAMILIES, adapter_for, latent_channels, spatial_factor
 from .models import build_seeded_vae, build_wan_vae, seeded_config, wan_config
 
@@ -200,27 +201,21 @@ def _from_pretrained(path: str, subfolder: str, dtype: torch.dtype, **kwargs):
 
 
 def parse_seeded(spec: str) -> dict:
-    """``LAYOUT[:WIDTH[:LATENT]]`` (``--seeded``) -> keyword arguments of :func:`build_seeded_vae`.
+    """``LAYOUT[:WIDTH[:LATENT]]`` (``--seeded``, both recipes) -> keyword arguments of :func:`build_seeded_vae`.
 
-    LAYOUT is one of ``parallel_vae.jobs.models.SEEDED_LAYOUTS`` (wan2.1, wan2.2, sd, sdxl, sd3, flux1, flux2,
-    qwenimage, hunyuanvideo, hunyuanvideo15 and the second-wave families: ``SEEDED_LAYOUT_NAMES``); WIDTH is the first
-    block's channels, LATENT the latent channels."""
-    from .models import SEEDED_LAYOUTS
+    The syntax and the default width are :func:`parallel_vae.jobs.cli.parse_seeded_spec`'s (torch-free, checked
+    before a launch's heavy imports); here the layout's config is also built, so a width it cannot take is refused
+    before any weights are made."""
+    from .cli import parse_seeded_spec
 
-    parts = spec.split(":")
-    if not parts[0] or parts[0] not in SEEDED_LAYOUTS or len(parts) > 3:
-        raise InputError(
-            f"--seeded {spec!r}: expected LAYOUT[:WIDTH[:LATENT]] with LAYOUT one of {', '.join(SEEDED_LAYOUTS)}"
-        )
-    out = {"layout": parts[0]}
-    for key, text in zip(("width", "latent"), parts[1:]):
-        if not text.isdigit() or int(text) < 1:
-            raise InputError(f"--seeded {spec!r}: {key} must be a positive integer, got {text!r}")
-        out[key] = int(text)
+    layout, width, latent = parse_seeded_spec(spec)
+    out = {"layout": layout, "width": width}
+    if latent is not None:
+        out["latent"] = latent
     try:
-        seeded_config(out["layout"], out.get("width"), out.get("latent"))  # e.g. a Mochi width not a multiple of 32
+        seeded_config(layout, width, latent)
     except ValueError as e:
-        raise InputError(f"--seeded {spec!r}: {e}") from None
+        raise UsageError(f"--seeded {spec!r}: {e}") from None
     return out
 
 

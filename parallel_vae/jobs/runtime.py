@@ -79,7 +79,9 @@ def set_nccl_env_defaults(environ=os.environ) -> dict:
 
 # How gloo and NCCL word a collective that ran past the process group's timeout.
 _TIMED_OUT = re.compile(r"timed? ?out|timeout", re.IGNORECASE)
-_POINTER = re.compile(r"0x[0-9a-fA-F]+")
+# An object address as C libraries print it ("@ 0x55d0c1a2b3c0"): a whole word, at least 6 hex digits, so that
+# sizes and file names ("60x90", "clip_1280x720.mp4") keep their text.
+_POINTER = re.compile(r"(?<![0-9A-Za-z_])0x[0-9a-fA-F]{6,}\b")
 
 # Errors that mean "the user's input cannot be used"; anything else is a bug and keeps its traceback.
 _INPUT_ERRORS = (InputError, ShardingError, OSError)
@@ -213,6 +215,25 @@ class Runtime:
             dist.destroy_process_group()
 
 
+def die_with_launcher() -> None:
+    """Ask the kernel to SIGKILL this process when its parent (the launcher: ``accelerate launch`` / torchrun)
+    dies, so that killing the launcher leaves no worker running on, writing outputs (Linux: PR_SET_PDEATHSIG;
+    elsewhere a no-op). A parent already gone before the call (the process was re-parented) ends this one now."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent or parent == 1:
+        os._exit(1)
+
+
 def start_runtime(
     *, timeout_s: float = DEFAULT_TIMEOUT_S, log_with: Optional[str] = None, prog: str = "recipe", **accelerator_kwargs
 ) -> Runtime:
@@ -230,6 +251,7 @@ def start_runtime(
     if cuda:
         set_nccl_env_defaults()  # read by ProcessGroupNCCL when the group is created below
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        die_with_launcher()
         handlers.append(
             InitProcessGroupKwargs(backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
         )

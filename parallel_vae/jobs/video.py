@@ -13,11 +13,13 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..errors import InputError
 from ._files import atomic_path
 
 __all__ = [
     "read_video",
     "write_video",
+    "check_video_size",
     "read_image",
     "write_image",
     "contact_sheet",
@@ -63,14 +65,63 @@ def read_video(path: str, max_frames: Optional[int] = None) -> torch.Tensor:
     return from_uint8_frames(np.stack(frames))
 
 
-def write_video(video: torch.Tensor, path: str, fps: float = 16.0) -> str:
-    """Write a (C, T, H, W) video in [-1, 1] to ``path`` (H.264 mp4) atomically; returns ``path``."""
+# libx264 (yuv420p) encodes frames whose width and height are even and at most this; outside it ffmpeg writes an
+# empty file and imageio raises nothing (seen: a 32768 x 16 video "written" as 0 bytes).
+X264_MAX_SIDE = 16384
+
+
+def check_video_size(height: int, width: int, path: str) -> None:
+    """Refuse, before anything is encoded, a frame size libx264 cannot encode, saying which sizes work.
+
+    Decided: an error, not a fallback to PNG frames. A caller asking for an mp4 gets an mp4 or a clear refusal;
+    ``--save_tensor`` keeps the decoded tensor whatever its size."""
+    if height % 2 == 0 and width % 2 == 0 and 0 < height <= X264_MAX_SIDE and 0 < width <= X264_MAX_SIDE:
+        return
+    raise InputError(
+        f"cannot write {path}: libx264 encodes frames whose width and height are even and at most {X264_MAX_SIDE} "
+        f"pixels, and this video is {width}x{height} (width x height); decode fewer rows or columns, or keep the "
+        "decoded tensor with --save_tensor"
+    )
+
+
+def _check_written(path: str, what: str, expect: tuple, read) -> None:
+    """Read ``path`` back: it must exist, be non-empty and hold ``expect`` (frames, height, width); else OSError."""
+    size = os.path.getsize(path) if os.path.isfile(path) else 0
+    problem = None
+    if size == 0:
+        problem = "the encoder wrote an empty file"
+    else:
+        try:
+            got = read(path)
+        except Exception as e:  # imageio raises a zoo of types for unreadable files
+            problem = f"it cannot be read back ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        else:
+            if tuple(got) != tuple(expect):
+                problem = f"it reads back as {got}, expected {expect} (frames, height, width)"
+    if problem:
+        raise OSError(f"writing {what} failed: {problem}")
+
+
+def _video_shape(path: str) -> tuple:
     import imageio.v3 as iio
 
+    frames, shape = 0, None
+    for frame in iio.imiter(path):
+        frames, shape = frames + 1, frame.shape[:2]
+    return (frames, *shape) if shape else (0, 0, 0)
+
+
+def write_video(video: torch.Tensor, path: str, fps: float = 16.0) -> str:
+    """Write a (C, T, H, W) video in [-1, 1] to ``path`` (H.264 mp4) atomically; returns ``path``. The file is read
+    back (frame count and size) before it is moved into place; a frame size libx264 refuses is an ``InputError``."""
+    import imageio.v3 as iio
+
+    check_video_size(video.shape[-2], video.shape[-1], path)
     frames = to_uint8_frames(video)
     with atomic_path(path, suffix=os.path.splitext(path)[1] or ".mp4") as tmp:
         # macro_block_size=1: keep the exact size (the default rounds up to multiples of 16).
         iio.imwrite(tmp, frames, fps=fps, codec="libx264", macro_block_size=1)
+        _check_written(tmp, path, frames.shape[:3], _video_shape)
     return path
 
 
@@ -101,6 +152,7 @@ def write_image(image: torch.Tensor, path: str) -> str:
     frame = to_uint8_frames(image.unsqueeze(1))[0]
     with atomic_path(path, suffix=os.path.splitext(path)[1] or ".png") as tmp:
         iio.imwrite(tmp, frame, extension=".png")
+        _check_written(tmp, path, (1, *frame.shape[:2]), lambda p: (1, *iio.improps(p, extension=".png").shape[:2]))
     return path
 
 

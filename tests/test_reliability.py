@@ -1,0 +1,292 @@
+"""Reliability and first contact, round 2 (issue 19): mismatched inputs, writes checked before they are reported,
+messages that keep their text, fail-fast, no orphans, full disk, and the recipes' friction items."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.dist_harness import run_ranks
+
+
+def _mismatch_worker(rank, world, check):
+    import torch
+
+    import parallel_vae as pv
+    from parallel_vae.jobs.models import build_seeded_vae
+
+    vae = build_seeded_vae(layout="sd", width=8, latent=4, seed=0)
+    pv.enable_spatial_parallelism(vae, check_inputs=check)
+    same = torch.randn(1, 4, 2 * world, 3, generator=torch.Generator().manual_seed(1))
+    vae.decode(same)  # the same input everywhere passes
+    torch.manual_seed(100 + (rank == 1))  # rank 1 differs from the others
+    z = torch.randn(1, 4, 2 * world, 3)  # the mistake: unseeded (here: per-rank seeded) input
+    try:
+        vae.decode(z)
+    except Exception as e:  # noqa: BLE001 - the test inspects what was raised
+        return type(e).__name__, str(e)
+    return None
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("world", [2, 3])
+def test_replicated_inputs_that_differ_are_refused_on_every_rank(world):
+    results = run_ranks(_mismatch_worker, world, True, timeout=90)
+    errors = [r.value for r in results]
+    assert all(e is not None for e in errors), errors
+    assert len(set(errors)) == 1, errors  # the same error on every rank
+    kind, message = errors[0]
+    assert kind == "ShardingError" and "ranks [1] hold a different input from rank 0" in message, message
+    assert "unseeded torch.randn" in message and "check_inputs=False" in message
+    # the documented opt-out: the op runs (and returns a stitched output, as before)
+    assert all(r.value is None for r in run_ranks(_mismatch_worker, world, False, timeout=90))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# writes: nothing is reported unless it happened; a full disk leaves nothing behind; messages keep their text
+# ---------------------------------------------------------------------------------------------------------------
+
+from tests.test_faults import DECODE, _one_error, in_process  # noqa: E402,F401  (in_process: a fixture)
+
+
+@pytest.mark.timeout(60)
+def test_refused_frame_size_is_an_error_before_compute(tmp_path, in_process):
+    import torch
+    from safetensors.torch import save_file
+
+    wide = tmp_path / "wide.safetensors"
+    save_file({"latents": torch.zeros(1, 4, 1, 2, 2049)}, str(wide))  # 16392 pixels wide
+    out = tmp_path / "out"
+    code, err = in_process("decode", DECODE + ["--latents", str(wide), "--output_dir", str(out)])
+    line = _one_error(err, "decode.py")
+    assert code == 1 and "even and at most 16384" in line and "16392x16" in line, line
+    assert not out.exists()  # refused before the output folder is made
+
+
+@pytest.mark.timeout(60)
+def test_a_write_that_did_not_happen_is_an_error_and_leaves_nothing(tmp_path, monkeypatch):
+    import imageio.v3 as iio
+
+    from parallel_vae.jobs import video
+
+    real = iio.imwrite
+    monkeypatch.setattr(iio, "imwrite", lambda path, *a, **k: open(path, "wb").close())  # an encoder that wrote 0 B
+    for write, name, x in ((video.write_video, "v.mp4", video.demo_video(3, 16, 16)), (video.write_image, "i.png", video.demo_video(1, 16, 16)[:, 0])):
+        with pytest.raises(OSError, match=f"writing {tmp_path / name} failed: the encoder wrote an empty file"):
+            write(x, str(tmp_path / name))
+    monkeypatch.setattr(iio, "imwrite", lambda path, frames, **k: real(path, frames[:1], **k))  # a truncated video
+    with pytest.raises(OSError, match=r"reads back as \(1, 16, 16\), expected \(3, 16, 16\)"):
+        video.write_video(video.demo_video(3, 16, 16), str(tmp_path / "v.mp4"))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.timeout(120)
+def test_full_disk_removes_the_staged_files_and_names_the_path(tmp_path, in_process, monkeypatch):
+    import errno
+
+    from parallel_vae.jobs import decode_job
+
+    def full_disk(obj, path):
+        with open(path, "wb") as f:
+            f.write(b"{" * 4096)  # a truncated file, as a full disk leaves it
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(decode_job, "write_json", full_disk)
+    out = tmp_path / "out"
+    code, err = in_process("decode", DECODE + ["--max_frames", "1", "--output_dir", str(out)])
+    line = _one_error(err, "decode.py")
+    assert code == 1 and f"cannot write the outputs to {out}" in line and "[Errno 28] No space left on device" in line, line
+    assert "staged files" in line and ".tmp-run-" in line, line
+    assert list(out.iterdir()) == []  # the staged folder is gone
+
+
+def test_merged_messages_keep_sizes_and_names():
+    from parallel_vae.jobs.runtime import AgreedError, Runtime
+
+    class TwoRanks(Runtime):
+        distributed = True
+        world_size = 2
+
+        def gather_object(self, obj):
+            return [("image odd_60x90.png is 60x90; clips/clip_1280x720.mp4 @ 0x55d0c1a2b3c0", 1)] * 2
+
+    with pytest.raises(AgreedError) as e:
+        TwoRanks(accelerator=None).agree(ValueError("x"))
+    assert str(e.value) == "image odd_60x90.png is 60x90; clips/clip_1280x720.mp4 @ 0x…"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fail fast: one rank raises inside an op, its peers fail within 5 s with its message
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _one_rank_fails_worker(rank, world, tmpdir):
+    """A fresh process (not run_ranks: a rank that abandoned a gloo wait leaves as a recipe does, with os._exit,
+    since destroy_process_group would wait for the abandoned work)."""
+    import json
+    import os
+    import time
+
+    import torch
+
+    import parallel_vae as pv
+    from parallel_vae.jobs.models import build_seeded_vae
+    from tests.dist_harness import _init_group
+
+    torch.set_num_threads(1)
+    _init_group(rank, world, tmpdir)
+    vae = build_seeded_vae(layout="sd", width=8, latent=4, seed=0)
+    pv.enable_spatial_parallelism(vae)
+    if rank == 1:
+        def broken(*args, **kwargs):
+            raise RuntimeError("CUDA out of memory (simulated on rank 1)")
+
+        vae.decoder.mid_block.forward = broken  # after the first halo exchanges; rank 0 then waits for rank 1
+    start = time.monotonic()
+    try:
+        vae.decode(torch.zeros(1, 4, 4, 4))
+        result = None
+    except Exception as e:  # noqa: BLE001 - the test inspects what was raised
+        result = type(e).__name__, str(e), time.monotonic() - start
+    with open(os.path.join(tmpdir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    os._exit(0)
+
+
+@pytest.mark.timeout(200)
+def test_one_rank_failing_inside_decode_fails_its_peers_within_5_s(tmp_path):
+    """Without the watch, rank 0 waits for gloo's 90 s timeout (the harness's 80 s deadline reports it)."""
+    import json
+    import multiprocessing as mp
+
+    from parallel_vae.jobs._spawn import run_with_deadline
+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_one_rank_fails_worker, args=(r, 2, str(tmp_path))) for r in range(2)]
+    assert run_with_deadline(procs, 80) == [], "a rank hung"
+    (kind, message, waited), failed = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert kind == "PeerFailure" and waited < 5, (kind, message, waited)
+    assert "rank 1 failed in decode: RuntimeError: CUDA out of memory (simulated on rank 1)" in message, message
+    assert failed[0] == "RuntimeError"  # the failing rank keeps its own error
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# no orphans: SIGKILL of the launcher ends its workers; nothing is written after it
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    from pathlib import Path
+
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        out += [int(c) for c in task.read_text().split()]
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_killing_the_launcher_ends_the_workers(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.launch import ACCELERATE, CONFIGS, REPO, free_port
+
+    out = tmp_path / "out"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "NETRC": str(tmp_path / "n")}
+    cmd = [str(ACCELERATE), "launch", "--config_file", str(CONFIGS / "cpu_2proc.yaml"), "--main_process_port",
+           str(free_port()), str(REPO / "recipes/decode.py"), "--seeded", "wan2.1:32:16", "--no_progress",
+           "--parallel", "on", "--output_dir", str(out)]  # fmt: skip
+    launcher = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 200
+    while not out.exists() and launcher.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # the output folder exists: both workers are past start-up, before the encode
+    assert launcher.poll() is None and out.exists(), "the run ended before it could be killed"
+    workers = [c for p in _children(launcher.pid) for c in [p, *_children(p)]]
+    workers = [w for w in workers if "decode.py" in open(f"/proc/{w}/cmdline").read()]
+    assert len(workers) == 2, workers
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    gone = time.monotonic() + 10
+    while any(os.path.exists(f"/proc/{w}") and open(f"/proc/{w}/stat").read().split()[2] != "Z" for w in workers):
+        assert time.monotonic() < gone, "workers outlived their launcher"
+        time.sleep(0.05)
+    time.sleep(2)
+    assert sorted(p.name for p in out.iterdir()) == [], "written after the launcher died"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# friction: one --seeded parser with small default widths, shared flags, flags checked before heavy imports,
+# checkpoints on by default with a retention limit
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _parsers():
+    from tests.test_faults import _recipe
+
+    return _recipe("decode").build_parser(), _recipe("finetune").build_parser()
+
+
+def test_one_seeded_parser_with_small_default_widths():
+    from parallel_vae.jobs.cli import SEEDED_DEFAULT_WIDTH, UsageError, parse_seeded_spec
+    from parallel_vae.jobs.loading import parse_seeded
+    from parallel_vae.jobs.models import build_seeded_vae
+
+    assert parse_seeded_spec("flux1") == ("flux1", SEEDED_DEFAULT_WIDTH, None) and SEEDED_DEFAULT_WIDTH <= 16
+    assert parse_seeded_spec("mochi")[1] == 32 and parse_seeded_spec("sd:16") == ("sd", 16, None)
+    vae = build_seeded_vae(**parse_seeded("flux1"), seed=0)
+    assert sum(p.numel() for p in vae.parameters()) < 2_000_000  # not the real 83.8 M
+    for bad in ("nope", "sd:0", "sd:x", "mochi:40", "sd:1:2:3"):
+        with pytest.raises(UsageError, match="--seeded"):
+            parse_seeded_spec(bad)
+
+
+def test_both_recipes_share_the_common_flags():
+    decode, finetune = _parsers()
+    for flags in (["--no_progress"], ["--seeded", "sd:16"], ["--timeout", "5"], ["--report_to", "none"]):
+        assert decode.parse_args(flags) and finetune.parse_args(flags)
+    args = finetune.parse_args([])
+    assert (args.checkpoint_every, args.checkpoints_total_limit) == (50, 2)  # resumable by default, bounded
+
+
+@pytest.mark.timeout(60)
+def test_flag_mistakes_fail_before_the_heavy_imports(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.launch import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for recipe in ("decode", "finetune"):
+        for flags, text in ((["--seeded", "nope"], "expected LAYOUT[:WIDTH[:LATENT]]"), (["--bogus"], "unrecognized")):
+            start = time.monotonic()
+            proc = subprocess.run([sys.executable, "-X", "importtime", str(REPO / "recipes" / f"{recipe}.py"), *flags,
+                                   "--output_dir", str(tmp_path / recipe)], capture_output=True, text=True, env=env, timeout=50)  # fmt: skip
+            assert proc.returncode == 2 and text in proc.stderr and time.monotonic() - start < 10, proc.stderr[-2000:]
+            assert "| torch\n" not in proc.stderr and "| diffusers\n" not in proc.stderr
+            assert not (tmp_path / recipe).exists()  # no empty output folder
+
+
+def test_checkpoints_keep_the_newest_n(tmp_path):
+    from parallel_vae.jobs.finetune_job import _save_checkpoint
+
+    class FakeRuntime:
+        is_main = True
+
+        class accelerator:
+            @staticmethod
+            def save_state(folder):
+                os.makedirs(folder)
+                open(os.path.join(folder, "model.bin"), "wb").close()
+
+        def barrier(self):
+            pass
+
+    import os
+
+    for step in range(1, 6):
+        _save_checkpoint(FakeRuntime(), str(tmp_path), step, {}, keep=2)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_000004", "step_000005"]
