@@ -144,5 +144,10 @@ def wait_tensor(t):
             raise PeerFailure(f"{found} (this rank stopped waiting for it after {time.monotonic() - start:.1f} s)")
         timeout = CHECK_EVERY_S
     if done.error is not None:
+        # A peer that flagged its failure and exited closes its connections: the wait then fails with gloo's read
+        # error before the first poll. The flag, written before the peer left, says what happened.
+        found = _failure()
+        if found is not None:
+            raise PeerFailure(f"{found} (this rank's wait failed after {time.monotonic() - start:.1f} s)") from done.error
         raise done.error
     return _plain_wait(t)  # already complete: no work is left registered for it, so this returns t at once
