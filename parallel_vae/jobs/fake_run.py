@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..checkpointing import host_allocation
 from ..core.fake import assume_split
 from ..core.sharding import row_split
 
@@ -85,6 +86,8 @@ class LiveBytes:
         try:
             storage = t.untyped_storage()
         except (RuntimeError, NotImplementedError):  # opaque tensors (e.g. mkldnn) have no storage
+            return
+        if host_allocation():  # an offloaded copy in host memory: not device bytes
             return
         key, nbytes = storage._cdata, storage.nbytes()
         if nbytes == 0 or key in inputs or key in self._live:
@@ -346,7 +349,7 @@ def distinct_ranks(latent_rows: int, world: int) -> dict[int, list[int]]:
 
 def measure_rank(cls_name: str, config: dict, op: str, frames: Optional[int], height: int, width: int, world: int,
                  rank: int, dtype: torch.dtype, *, fake: bool = True, checkpointing: bool = False,
-                 seed: int = 0) -> dict:
+                 offload: bool = False, seed: int = 0) -> dict:
     """Build ``cls_name(**config)``, make this process rank ``rank`` of ``world`` and measure ``op`` on its shard.
 
     ``fake=True``: fake tensors and a fake process group (this process must have no process group). ``fake=False``:
@@ -377,7 +380,7 @@ def measure_rank(cls_name: str, config: dict, op: str, frames: Optional[int], he
             if op == "train":
                 vae.train()
                 if checkpointing:
-                    pv.enable_gradient_checkpointing(vae)
+                    pv.enable_gradient_checkpointing(vae, offload=offload)
                 optimizer = MixedPrecisionAdamW(list(vae.parameters()))
             m = measure(vae, op, x, numel=x.numel() // rows * rows_total, optimizer=optimizer)
     out = m.as_dict()
