@@ -41,11 +41,13 @@ class Case:
     groups: Optional[tuple] = None  # e.g. ((2, 3),) or ((0, 1), (2, 3)); None = the whole world
     grads: bool = True
     checkpointing: bool = False
+    offload: bool = False  # with checkpointing: the checkpoints' saved tensors in host memory
 
     @property
     def id(self) -> str:
         g = "" if self.groups is None else "-groups" + "|".join(",".join(map(str, rs)) for rs in self.groups)
         g += "-ckpt" if self.checkpointing else ""
+        g += "-offload" if self.offload else ""
         return (
             f"{self.layout}-{self.dtype}-{self.mode}-w{self.world}-b{self.batch}-t{self.frames}"
             f"-h{self.latent_h}x{self.latent_w}{g}"
@@ -114,7 +116,7 @@ def run_case(rank: int, case: Case):
     vae = make_model(case.layout, dtype)
     pv.enable_spatial_parallelism(vae, group)
     if case.checkpointing:
-        pv.enable_gradient_checkpointing(vae)
+        pv.enable_gradient_checkpointing(vae, offload=case.offload)
     x, w = make_inputs(case, dtype)
     x.requires_grad_(case.grads)
     seen_rows = []

@@ -42,6 +42,7 @@ CASES = [
     # activation checkpointing: recomputation repeats the halo exchanges during backward
     Case("wan2.1", "float64", "sharded", latent_h=3, frames=9, world=2, checkpointing=True),
     Case("wan2.2", "float64", "replicated", latent_h=3, world=3, checkpointing=True),
+    Case("wan2.1", "float64", "sharded", latent_h=7, latent_w=2, world=3, checkpointing=True, offload=True),
     # world 3: 7 latent rows -> 3/2/2
     Case("wan2.1", "float64", "replicated", latent_h=7, latent_w=2, world=3),
     Case("wan2.2", "float64", "sharded", latent_h=7, latent_w=2, world=3),

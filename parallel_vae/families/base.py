@@ -152,12 +152,13 @@ class FamilyAdapter:
         """Blocks whose activations :func:`parallel_vae.enable_gradient_checkpointing` recomputes in backward."""
         return []
 
-    def enable_checkpointing(self, vae: nn.Module) -> None:
+    def enable_checkpointing(self, vae: nn.Module, offload: bool = False) -> None:
         """Default: diffusers' own gradient checkpointing, where the class supports it (halo exchanges inside a
-        recomputed block run again in backward on every rank in the same order, so they pair up)."""
+        recomputed block run again in backward on every rank in the same order, so they pair up). ``offload``:
+        the checkpoints' saved inputs go to host memory (``checkpointing.offload_saved_tensors``)."""
         if not getattr(vae, "_supports_gradient_checkpointing", False):
             raise NotImplementedError(f"{type(vae).__name__} has no activation checkpointing in parallel_vae")
-        vae.enable_gradient_checkpointing()
+        vae.enable_gradient_checkpointing(_offloaded_checkpoint if offload else None)
 
     def disable_checkpointing(self, vae: nn.Module) -> None:
         if getattr(vae, "_supports_gradient_checkpointing", False):
@@ -193,3 +194,12 @@ def mean_std_normalization(vae: nn.Module, z: torch.Tensor) -> tuple[torch.Tenso
     std = torch.tensor(cfg.latents_std, dtype=z.dtype, device=z.device).reshape(shape)
     return mean, std
 
+
+def _offloaded_checkpoint(module, *args):
+    """diffusers' default checkpointing function (non-reentrant), with the saved inputs in host memory."""
+    from torch.utils.checkpoint import checkpoint
+
+    from ..checkpointing import offload_saved_tensors
+
+    with offload_saved_tensors():
+        return checkpoint(module.__call__, *args, use_reentrant=False)

@@ -165,9 +165,9 @@ class CausalCacheAdapter(FamilyAdapter):
         blocks += [(f"decoder.up_blocks.{i}", b) for i, b in enumerate(vae.decoder.up_blocks)]
         return blocks
 
-    def enable_checkpointing(self, vae) -> None:
+    def enable_checkpointing(self, vae, offload: bool = False) -> None:
         # diffusers marks these classes as not supporting checkpointing (their blocks mutate a shared cache list)
-        enable_cache_checkpointing(self.checkpointed_blocks(vae))
+        enable_cache_checkpointing(self.checkpointed_blocks(vae), offload=offload)
 
     def disable_checkpointing(self, vae) -> None:
         disable_cache_checkpointing(self.checkpointed_blocks(vae))

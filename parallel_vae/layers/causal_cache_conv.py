@@ -14,6 +14,7 @@ The recomputation therefore sees exactly the inputs of the original call.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -109,41 +110,71 @@ def _stack_rows(rows: torch.Tensor, front: int, known) -> torch.Tensor:
 
 
 _FLAG = "_pv_checkpointed"
+_OFFLOAD = "_pv_offload"  # the block's checkpoint keeps its saved tensors in host memory
+_TENSOR = object()  # a cache entry that enters the checkpointed region as an input
+_SLOTS = "_pv_cache_slots"  # how many feat_cache entries the block reads and writes (one per causal conv)
 
 
 def _checkpointed_forward(block: nn.Module, x, feat_cache=None, feat_idx=None, *args, **kwargs):
     # Wan passes the cache by keyword, Qwen-Image positionally (x, feat_cache, feat_idx): both bind here.
+    from ..checkpointing import offload_saved_tensors
+
     forward = type(block).forward  # the class's own forward; this function is the instance's override
     if not torch.is_grad_enabled():
         if feat_cache is None:
             return forward(block, x, *args, **kwargs)
         return forward(block, x, *args, feat_cache=feat_cache, feat_idx=feat_idx, **kwargs)
+    offload = offload_saved_tensors() if block.__dict__.get(_OFFLOAD) else contextlib.nullcontext()
     if feat_cache is None:
-        return checkpoint(forward, block, x, *args, use_reentrant=False, **kwargs)
-    snapshot = list(feat_cache)  # references only: the recomputation must see this call's caches
+        with offload:
+            return checkpoint(forward, block, x, *args, use_reentrant=False, **kwargs)
     start = feat_idx[0]
+    slots = block.__dict__.get(_SLOTS)
+    # The block reads and writes only its own entries, feat_cache[start : start + slots]. Their tensors go in as
+    # inputs of the checkpointed region, so autograd saves them like the block input: freed by backward, and
+    # offloaded with it. Holding them in the closure instead would keep every chunk's caches until the graph dies.
+    # Non-tensor entries (None, Wan's "Rep" marker) stay in the closure. Until the count is known (the first call,
+    # at the first chunk, where diffusers has just cleared the caches), the closure keeps this call's entries.
+    total = len(feat_cache)
+    own = feat_cache[start:] if slots is None else feat_cache[start : start + slots]
+    tensors = [e for e in own if isinstance(e, torch.Tensor)] if slots is not None else []
+    template = [_TENSOR if slots is not None and isinstance(e, torch.Tensor) else e for e in own]
+    del own
 
-    def run(x):
-        cache, idx = list(snapshot), [start]
+    def run(x, *cached):
+        it = iter(cached)
+        entries = [next(it) if e is _TENSOR else e for e in template]
+        cache = [None] * start + entries + [None] * (total - start - len(entries))
+        idx = [start]
         out = forward(block, x, *args, feat_cache=cache, feat_idx=idx, **kwargs)
-        return out, cache, idx[0]
+        return out, cache[start : idx[0]], idx[0]
 
-    out, cache, end = checkpoint(run, x, use_reentrant=False)
-    feat_cache[:] = cache
+    with offload:
+        out, written, end = checkpoint(run, x, *tensors, use_reentrant=False)
+    if slots is None:
+        block.__dict__[_SLOTS] = end - start
+        del template[end - start :]  # the closure keeps only the block's own entries
+    elif end - start != slots:
+        raise RuntimeError(f"a checkpointed block used {end - start} cache entries, {slots} before")
+    feat_cache[start:end] = written
     feat_idx[0] = end
     return out
 
 
-def enable_cache_checkpointing(blocks: list[tuple[str, nn.Module]]) -> None:
-    """Checkpoint each block, whose forward takes ``feat_cache``/``feat_idx`` (Wan-style), with the cache snapshot."""
+def enable_cache_checkpointing(blocks: list[tuple[str, nn.Module]], *, offload: bool = False) -> None:
+    """Checkpoint each block, whose forward takes ``feat_cache``/``feat_idx`` (Wan-style), with the cache snapshot.
+    ``offload``: the tensors each checkpoint keeps (block inputs and the caches they start from) live in host
+    memory until backward (:func:`parallel_vae.checkpointing.offload_saved_tensors`)."""
     for _, block in blocks:
         if not block.__dict__.get(_FLAG):
             # An instance attribute shadows the class's forward; partial (not a bound method) deep-copies cleanly.
             block.forward = functools.partial(_checkpointed_forward, block)
             block.__dict__[_FLAG] = True
+        block.__dict__[_OFFLOAD] = bool(offload)
 
 
 def disable_cache_checkpointing(blocks: list[tuple[str, nn.Module]]) -> None:
     for _, block in blocks:
         if block.__dict__.pop(_FLAG, False):
             block.__dict__.pop("forward", None)
+        block.__dict__.pop(_OFFLOAD, None)
