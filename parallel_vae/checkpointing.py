@@ -42,7 +42,9 @@ def _pack(t: torch.Tensor):
     # step 1: a host buffer (pinned for a CUDA tensor, so the copy is asynchronous on the current stream and
     # overlaps the forward's next kernels; stream order keeps it safe when the device memory is reused).
     with _on_host():
-        host = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, device="cpu", pin_memory=t.is_cuda)
+        # empty_like keeps the strides: a contiguous copy of a transposed or channels-last tensor would send
+        # backward's kernels down another path (float64 gradients 7e-15 off the stored ones, measured).
+        host = torch.empty_like(t, device="cpu", pin_memory=t.is_cuda)
         host.copy_(t, non_blocking=t.is_cuda)
     return t.device, host
 
