@@ -8,6 +8,7 @@ Public API (see README.md and docs/api.md):
 * sharded mode: :func:`sharded_encode` / :func:`sharded_decode` on this rank's rows, with :func:`shard_video`,
   :func:`shard_latents`, :func:`gather_shards` and :func:`local_rows`.
 * :func:`sharded_loss`: the per-rank loss scaling for DDP / DeepSpeed averaging.
+* :func:`decode_for_reward`: a frozen VAE's decode with the gradient flowing to the latents.
 * communication primitives (autograd Functions): :func:`halo_exchange`, :func:`scatter_rows`, :func:`gather_rows`.
 """
 
@@ -31,6 +32,7 @@ _LAZY = {
     "halo_exchange": ".core.comm",
     "scatter_rows": ".core.comm",
     "sharded_loss": ".loss",
+    "decode_for_reward": ".reward",
     "ShardingError": ".core.sharding",
     "row_offsets": ".core.sharding",
     "row_split": ".core.sharding",
@@ -68,6 +70,7 @@ __all__ = [
     "gather_shards",
     "local_rows",
     "sharded_loss",
+    "decode_for_reward",
     "enable_gradient_checkpointing",
     "disable_gradient_checkpointing",
     "halo_exchange",

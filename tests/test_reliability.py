@@ -250,6 +250,15 @@ def test_both_recipes_share_the_common_flags():
     assert (args.checkpoint_every, args.checkpoints_total_limit) == (50, 2)  # resumable by default, bounded
 
 
+def test_offload_without_checkpointing_is_a_usage_error(capsys):
+    from parallel_vae.jobs.cli import check_early
+
+    _, finetune = _parsers()
+    assert check_early(finetune, ["--offload_checkpoints"]) == 2
+    assert "add --gradient_checkpointing" in capsys.readouterr().err
+    assert check_early(finetune, ["--offload_checkpoints", "--gradient_checkpointing"]) is None
+
+
 @pytest.mark.timeout(60)
 def test_flag_mistakes_fail_before_the_heavy_imports(tmp_path):
     import os

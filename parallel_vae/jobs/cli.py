@@ -85,6 +85,8 @@ def check_early(parser: argparse.ArgumentParser, argv: Optional[list[str]]) -> O
         args = parser.parse_args(argv)
         if getattr(args, "seeded", None):
             parse_seeded_spec(args.seeded)
+        if getattr(args, "offload_checkpoints", False) and not getattr(args, "gradient_checkpointing", False):
+            raise UsageError("--offload_checkpoints offloads what the checkpoints save: add --gradient_checkpointing")
     except UsageError as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"{parser.prog}: error: {e}", file=sys.stderr, flush=True)
@@ -195,6 +197,12 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
         "--gradient_checkpointing",
         action="store_true",
         help="recompute encoder/decoder block activations in backward (halo exchanges are repeated in order)",
+    )
+    m.add_argument(
+        "--offload_checkpoints",
+        action="store_true",
+        help="with --gradient_checkpointing: keep what the checkpoints save (block inputs, Wan's chunk caches) in "
+        "pinned host memory until backward needs it (docs/training.md)",
     )
 
     par = p.add_argument_group("parallel layout")

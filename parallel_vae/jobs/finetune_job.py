@@ -372,7 +372,7 @@ def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
     vae = vae.to(rt.device)
     enable_spatial_parallelism(vae, layout.spatial_group)
     if args.gradient_checkpointing:
-        enable_gradient_checkpointing(vae)
+        enable_gradient_checkpointing(vae, offload=args.offload_checkpoints)
     train_encoder = args.train == "all"
     if not train_encoder:
         # the encoder and its quant conv (HunyuanVideo-1.5, Mochi and DC-AE have none: the encoder emits the moments)
