@@ -143,9 +143,12 @@ def parity(device: torch.device, smoke: bool) -> dict:
             r["conv2d"] = _rel(part2, full2)
             # GroupNorm statistics: per-rank (count, mean, M2), merged, vs the whole tensor's group_norm
             groups = 4 if smoke else 32
-            tables = [
-                group_stats(x.narrow(-2, s, n).reshape(1, groups, -1)) for s, n in _row_ranges(h, world)
-            ]
+            tables = []
+            for s, n in _row_ranges(h, world):
+                x4 = x.narrow(-2, s, n).reshape(1, groups, x.shape[1] // groups, -1)  # (B, G, C/G, positions)
+                m, q = group_stats(x4)
+                tables.append(torch.stack([torch.full_like(m, float(x4[0, 0].numel()), dtype=torch.float64),
+                                           m.double(), q.double()], -1))  # fmt: skip
             count, mean, m2 = merge_stats(torch.stack(tables))
             var = m2 / count
             shape = (1, groups, -1)

@@ -109,7 +109,9 @@ def test_latent_normalization_per_family():
 
 def test_parse_seeded():
     assert parse_seeded("sd:32:4") == {"layout": "sd", "width": 32, "latent": 4}
-    assert parse_seeded("hunyuanvideo") == {"layout": "hunyuanvideo"}
+    from parallel_vae.jobs.cli import SEEDED_DEFAULT_WIDTH
+
+    assert parse_seeded("hunyuanvideo") == {"layout": "hunyuanvideo", "width": SEEDED_DEFAULT_WIDTH}  # small default
     for bad in ("nope:8", "sd:x", "sd:8:4:2", ":8", "mochi:16"):
         with pytest.raises(InputError, match="--seeded"):
             parse_seeded(bad)

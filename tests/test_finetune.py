@@ -313,14 +313,15 @@ def test_perceptual_and_adversarial_losses_sharded_exact_and_resume_bit_identica
         for k in _GAN_KEYS:
             if k in b:
                 assert abs(a[k] - b[k]) <= 1e-10 * max(abs(b[k]), 1e-3), (k, a, b)
-    cut = args + ["--output_dir", str(tmp_path / "cut")]
-    cut[cut.index("--max_steps") + 1] = "2"
-    check_ok(accelerate_launch(RECIPE, cut, tmp_path, timeout=540))
-    resume = args + ["--output_dir", str(tmp_path / "cut"), "--resume", "latest"]
+    # The resume starts from the full run's own step-2 checkpoint (the state a run cut at step 2 leaves: the
+    # checkpoint is written before step 3 starts), into a new folder: one launch fewer than cutting a third run.
+    step2 = tmp_path / "full" / "checkpoints" / "step_000002"
+    assert step2.is_dir(), sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir())
+    resume = args + ["--output_dir", str(tmp_path / "resumed"), "--resume", str(step2)]
     check_ok(accelerate_launch(RECIPE, resume, tmp_path, timeout=540))
-    resumed = _summary(tmp_path / "cut")
+    resumed = _summary(tmp_path / "resumed")
     assert resumed["start_step"] == 2
     assert [{k: h.get(k) for k in _GAN_KEYS} for h in resumed["history"]] == [{k: h.get(k) for k in _GAN_KEYS} for h in full[2:]]
-    assert _weights(str(tmp_path / "cut" / "final")).keys() == _weights(str(tmp_path / "full" / "final")).keys()
-    assert all(torch.equal(a, b) for a, b in zip(_weights(str(tmp_path / "cut" / "final")).values(),
+    assert _weights(str(tmp_path / "resumed" / "final")).keys() == _weights(str(tmp_path / "full" / "final")).keys()
+    assert all(torch.equal(a, b) for a, b in zip(_weights(str(tmp_path / "resumed" / "final")).values(),
                                                   _weights(str(tmp_path / "full" / "final")).values()))  # fmt: skip

@@ -107,6 +107,7 @@ class _Waiter:
             except BaseException as e:  # handed back to the waiting thread
                 done.error = e
             done.set()
+            del t, done  # hold no tensor between jobs: an idle waiter keeps nothing alive until exit
 
 
 _waiter: Optional[_Waiter] = None  # replaced when a wait is abandoned

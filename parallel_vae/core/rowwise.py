@@ -1,7 +1,7 @@
 """Plain 2-D image networks (``nn.Sequential`` of convolutions, max-pools, BatchNorms, activations) on row shards.
 
 The loss networks of VAE training (LPIPS's VGG16 trunk, the PatchGAN discriminator) are stacks of the layers the
-DESIGN.md layer rules already cover, so this walks such a stack layer by layer and gives each kind its one
+layer rules (docs/how-it-works.md) already cover, so this walks such a stack layer by layer and gives each kind its one
 treatment:
 
 | layer | treatment |
@@ -14,7 +14,7 @@ treatment:
 Anything else is an error (:func:`~.plan.unknown_module`), never a silent pass-through.
 
 Why the row bookkeeping (:class:`RowSplit`): a strided layer needs every shard but the last to start on a multiple
-of its stride (DESIGN.md, "Sharding"). The VAE splits rows in latent rows (8 pixel rows for most families), but
+of its stride (docs/how-it-works.md, "Sharding and alignment"). The VAE splits rows in latent rows (8 pixel rows for most families), but
 VGG16 pools 4 times (16x) and a PatchGAN with more than 3 layers strides more than 8x, so at some level a shard
 starts on an odd row: 3/2/2 latent rows (24/16/16 pixel rows) start on rows 24 and 40, i.e. rows 3 and 5 after
 three pools. Such a level is *realigned* before its strided layer: each boundary moves up to the multiple of the
