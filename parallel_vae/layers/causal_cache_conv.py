@@ -34,7 +34,8 @@ class HaloCausalConv:
 
     As the unmodified layer does, the causal zero frames, the cached frames and this chunk are concatenated along
     time; the rows are not padded: the convolution runs on my rows with its own zero row padding while the edge
-    rows travel, and the taps that reach the neighbours' rows are added afterwards (``core.halo.corrected_conv``).
+    rows travel, and the output rows that reach the neighbours' rows are recomputed afterwards
+    (``core.halo.corrected_conv``).
     The halo covers the cached frames too. Their halo rows travelled with the previous chunk (the cache is the
     tail of this conv's previous input), so without autograd they are remembered and not sent again.
     """
@@ -69,13 +70,12 @@ class HaloCausalConv:
             known = (above[:, :, -n:], below[:, :, -n:]) if fits and above.dtype == prefix.dtype else None
         # step 2: post the exchange of the frames whose halo rows are not known, then build the time stack.
         live = x if prefix is None or known is not None else torch.cat([prefix, x], 2)
-        rows = x.shape[3]
         pending = start_neighbor_rows(live, group, dim=3, top=top, bottom=bottom)
         live = pending.x
         parts = ([x.new_zeros(_frames(x, front))] if front else []) + ([prefix] if known is not None else []) + [live]
         stack = torch.cat(parts, 2) if len(parts) > 1 else live
         # step 3: convolve my rows (zero row padding in the neighbours' place; the width padding is the
-        # convolution's own) while the rows travel; step 4: wait, add the taps that reach the neighbours' rows.
+        # convolution's own) while the rows travel; step 4: wait, recompute the rows whose taps reach the neighbours' rows.
         padding = (0, top, w_pad)
         if not overlap_enabled():
             above, below = pending.wait()
@@ -92,7 +92,8 @@ class HaloCausalConv:
             state.tails[self] = (above[:, :, -k:].clone(), below[:, :, -k:].clone())
         else:
             state.tails.pop(self, None)
-        return add_boundary_taps(y, above, below, rows, self.weight, self.stride, padding, self.dilation, self.groups)
+        return add_boundary_taps(y, stack, above, below, self.weight, self.bias, self.stride, padding, self.dilation,
+                                 self.groups)
 
 
 def _frames(x: torch.Tensor, n: int) -> list[int]:
