@@ -260,10 +260,8 @@ def _finite(x: float) -> Optional[float]:
     return x if math.isfinite(x) else None  # PSNR of an exact reconstruction is infinite; JSON has no inf
 
 
-def run_decode(rt: Runtime, args: argparse.Namespace) -> Optional[dict]:
-    """The whole job; returns the metrics on the main rank (``None`` elsewhere). See the module docstring."""
-    world = rt.world_size
-    # step 1: flags and model. Each rank loads its own copy (same files, or the same seed).
+def _load_model(rt: Runtime, args: argparse.Namespace):
+    """The flags' dtype and the model on this rank's device, both agreed: returns (vae, source)."""
     with rt.agreed():
         dtype = _check_flags(args)
     with rt.agreed():
@@ -279,7 +277,28 @@ def run_decode(rt: Runtime, args: argparse.Namespace) -> Optional[dict]:
                 config=args.config,
                 dtype=dtype,
             )
-        vae = vae.to(rt.device)
+        return vae.to(rt.device), source
+
+
+def _prepare_out_dir(rt: Runtime, args: argparse.Namespace) -> str:
+    """The output folder, made and checked by the main rank (agreed), stale temporaries cleared; its path."""
+    out_dir = os.path.abspath(args.output_dir)
+    with rt.agreed():
+        if rt.is_main:
+            if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+                raise InputError(f"--output_dir {out_dir} is a file, not a folder")
+            os.makedirs(out_dir, exist_ok=True)
+            if not os.access(out_dir, os.W_OK):
+                raise InputError(f"--output_dir {out_dir} is not writable")
+            clear_stale(out_dir)
+    return out_dir
+
+
+def run_decode(rt: Runtime, args: argparse.Namespace) -> Optional[dict]:
+    """The whole job; returns the metrics on the main rank (``None`` elsewhere). See the module docstring."""
+    world = rt.world_size
+    # step 1: flags and model. Each rank loads its own copy (same files, or the same seed).
+    vae, source = _load_model(rt, args)
     # step 2: the input, then one check that every rank read the same thing (multi-node runs read per node).
     with rt.agreed():
         inp = read_input(args, vae)
@@ -298,15 +317,7 @@ def run_decode(rt: Runtime, args: argparse.Namespace) -> Optional[dict]:
         _check_output_size(vae, inp, latent_shape, args.output_dir)
     # step 3: the output folder (main rank), before any compute, so an unwritable folder fails in seconds; the
     # temporaries a killed run left there are cleared.
-    out_dir = os.path.abspath(args.output_dir)
-    with rt.agreed():
-        if rt.is_main:
-            if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-                raise InputError(f"--output_dir {out_dir} is a file, not a folder")
-            os.makedirs(out_dir, exist_ok=True)
-            if not os.access(out_dir, os.W_OK):
-                raise InputError(f"--output_dir {out_dir} is not writable")
-            clear_stale(out_dir)
+    out_dir = _prepare_out_dir(rt, args)
     start_tracking(
         rt,
         report_to=args.report_to,
@@ -431,6 +442,8 @@ def _write_outputs(rt, args, vae, source, inp, plan, decoded, stats, out_dir) ->
 
 
 def _write_staged(rt, args, vae, source, inp, plan, decoded, stats, out_dir, run_id) -> dict:
+    # About 85 lines: the metrics record, then each output written and read back into the staging folder, in the
+    # order metrics.json lists them; the writes themselves are the helpers it calls.
     world = rt.world_size
     decoded = decoded.detach().cpu()
     latent_shape = inp.latent_shape(vae)

@@ -281,8 +281,9 @@ def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
     raise ValueError(f"unknown learning-rate schedule {schedule!r}")
 
 
-def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
-    acc = rt.accelerator
+def _checked_run(rt: Runtime, args: argparse.Namespace):
+    """Every check of the run that needs the model and the data, agreed over the ranks before anything is
+    written: returns (vae, source, adapter, dtype, factor, train_data, val_data, resume, config)."""
     with rt.agreed():
         _check_args(args, rt.world_size)
         used = _used(args.output_dir)
@@ -353,8 +354,12 @@ def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
                     + "; ".join(changes)
                     + "); resume with the checkpoint's settings, or start a new --output_dir"
                 )
+    return vae, source, adapter, dtype, factor, train_data, val_data, resume, config
 
-    # The checks passed on every rank: only now does the main rank touch the run folder.
+
+def _prepare_output(rt: Runtime, args: argparse.Namespace, config: dict) -> None:
+    """After the agreed checks: the main rank clears what --overwrite and a killed save left, and writes the
+    run configuration; every rank waits for it."""
     if rt.is_main:
         if args.overwrite:
             for name in _RUN_OUTPUTS:
@@ -368,6 +373,11 @@ def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
         _write_json(os.path.join(args.output_dir, RUN_CONFIG), config)
     rt.barrier()
 
+
+def _build_training(rt: Runtime, args: argparse.Namespace, vae, adapter, dtype):
+    """The parallel model, its frozen parts, the optimizer and schedule (prepared by accelerate) and the loss
+    networks: returns (layout, module, optimizer, scheduler, params, loss_nets)."""
+    acc = rt.accelerator
     layout = hybrid_layout(args.sp_degree)
     vae = vae.to(rt.device)
     enable_spatial_parallelism(vae, layout.spatial_group)
@@ -404,6 +414,66 @@ def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
         ds_config["gradient_clipping"] = args.max_grad_norm
     module, optimizer, scheduler = acc.prepare(module, optimizer, scheduler)
     loss_nets = build_loss_networks(rt, args, vae, layout, dtype)  # perceptual / adversarial terms (or None)
+    return layout, module, optimizer, scheduler, params, loss_nets
+
+
+def _train_step(rt, args, step, ctx) -> dict:
+    """One optimizer step on this rank's rows; returns the logged record (replica means, averaged over
+    replicas). ``ctx``: the run's fixed pieces (see run_finetune)."""
+    acc, layout, vae, adapter, module, optimizer, scheduler, params, loss_nets = (
+        rt.accelerator, ctx["layout"], ctx["vae"], ctx["adapter"], ctx["module"], ctx["optimizer"],
+        ctx["scheduler"], ctx["params"], ctx["loss_nets"],
+    )
+    train_data, dtype, latent_shape, numel, step_times = (
+        ctx["train_data"], ctx["dtype"], ctx["latent_shape"], ctx["numel"], ctx["step_times"],
+    )
+    t0 = time.perf_counter()
+    idx = batch_indices(step, layout.dp_rank, layout.dp_degree, args.batch_size, len(train_data), args.seed)
+    epoch = step // (len(train_data) // (layout.dp_degree * args.batch_size))
+    video = _stack(train_data, idx, epoch, rt.device, dtype, adapter.video)
+    x_local = shard_video(vae, video)
+    noise = None
+    if args.sample_posterior:
+        positions = list(range(layout.dp_rank * args.batch_size, (layout.dp_rank + 1) * args.batch_size))
+        noise = posterior_noise(vae, latent_shape, sample_seeds(step, positions, args.seed), dtype, rt.device)
+    with acc.autocast():
+        recon_local, moments = module(x_local, noise)
+    loss, parts = vae_loss(
+        recon_local.to(dtype),
+        x_local,
+        moments.to(dtype),
+        numel=numel,
+        group=layout.spatial_group,
+        l1=args.l1,
+        mse=args.mse,
+        kl=args.kl,
+        deterministic=adapter.deterministic,
+    )
+    loss, extra_logs = add_loss_terms(loss_nets, step, loss, recon_local.to(dtype), x_local, numel=numel, acc=acc)
+    acc.backward(loss)
+    if args.max_grad_norm > 0 and acc.state.deepspeed_plugin is None:
+        acc.clip_grad_norm_(params, args.max_grad_norm)
+    lr = optimizer.param_groups[0]["lr"]  # the rate this step used
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    step_times.append(time.perf_counter() - t0)
+
+    # The replica means, averaged over replicas (for logging; no gradient).
+    # On the activations' device (NCCL has no CPU backend), one host read for the three.
+    l1_sum, mse_sum, kl_sum = sum_over_ranks([parts["l1_sum"], parts["mse_sum"], parts["kl_sum"]], rt.device)
+    l1_mean, mse_mean = l1_sum / (numel * layout.dp_degree), mse_sum / (numel * layout.dp_degree)
+    kl_mean = kl_sum / (args.batch_size * layout.dp_degree)  # per sample
+    total = args.l1 * l1_mean + args.mse * mse_mean + args.kl * kl_sum / (numel * layout.dp_degree)
+    record = {"step": step + 1, "loss": total, "l1": l1_mean, "mse": mse_mean, "kl": kl_mean, "lr": lr, "step_seconds": step_times[-1]}
+    return record | extra_logs
+
+
+def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
+    acc = rt.accelerator
+    vae, source, adapter, dtype, factor, train_data, val_data, resume, config = _checked_run(rt, args)
+    _prepare_output(rt, args, config)
+    layout, module, optimizer, scheduler, params, loss_nets = _build_training(rt, args, vae, adapter, dtype)
 
     start_step = 0
     if resume:
@@ -427,51 +497,15 @@ def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
 
         progress = tqdm(total=args.max_steps, initial=start_step, desc="finetune", unit="step")
     step_times = []
+    ctx = dict(layout=layout, vae=vae, adapter=adapter, module=module, optimizer=optimizer, scheduler=scheduler,
+               params=params, loss_nets=loss_nets, train_data=train_data, dtype=dtype, latent_shape=latent_shape,
+               numel=numel, step_times=step_times)
     for step in range(start_step, args.max_steps):
-        t0 = time.perf_counter()
-        idx = batch_indices(step, layout.dp_rank, layout.dp_degree, args.batch_size, len(train_data), args.seed)
-        epoch = step // (len(train_data) // (layout.dp_degree * args.batch_size))
-        video = _stack(train_data, idx, epoch, rt.device, dtype, adapter.video)
-        x_local = shard_video(vae, video)
-        noise = None
-        if args.sample_posterior:
-            positions = list(range(layout.dp_rank * args.batch_size, (layout.dp_rank + 1) * args.batch_size))
-            noise = posterior_noise(vae, latent_shape, sample_seeds(step, positions, args.seed), dtype, rt.device)
-        with acc.autocast():
-            recon_local, moments = module(x_local, noise)
-        loss, parts = vae_loss(
-            recon_local.to(dtype),
-            x_local,
-            moments.to(dtype),
-            numel=numel,
-            group=layout.spatial_group,
-            l1=args.l1,
-            mse=args.mse,
-            kl=args.kl,
-            deterministic=adapter.deterministic,
-        )
-        loss, extra_logs = add_loss_terms(loss_nets, step, loss, recon_local.to(dtype), x_local, numel=numel, acc=acc)
-        acc.backward(loss)
-        if args.max_grad_norm > 0 and acc.state.deepspeed_plugin is None:
-            acc.clip_grad_norm_(params, args.max_grad_norm)
-        lr = optimizer.param_groups[0]["lr"]  # the rate this step used
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_times.append(time.perf_counter() - t0)
-
-        # The replica means, averaged over replicas (for logging; no gradient).
-        # On the activations' device (NCCL has no CPU backend), one host read for the three.
-        l1_sum, mse_sum, kl_sum = sum_over_ranks([parts["l1_sum"], parts["mse_sum"], parts["kl_sum"]], rt.device)
-        l1_mean, mse_mean = l1_sum / (numel * layout.dp_degree), mse_sum / (numel * layout.dp_degree)
-        kl_mean = kl_sum / (args.batch_size * layout.dp_degree)  # per sample
-        total = args.l1 * l1_mean + args.mse * mse_mean + args.kl * kl_sum / (numel * layout.dp_degree)
-        record = {"step": step + 1, "loss": total, "l1": l1_mean, "mse": mse_mean, "kl": kl_mean, "lr": lr, "step_seconds": step_times[-1]}
-        record |= extra_logs
+        record = _train_step(rt, args, step, ctx)
         history.append(record)
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(loss=f"{total:.4f}")
+            progress.set_postfix(loss=f"{record['loss']:.4f}")
         if rt.trackers_started and ((step + 1) % args.log_every == 0 or step + 1 == args.max_steps):
             acc.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step + 1)
 
