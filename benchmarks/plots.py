@@ -258,6 +258,18 @@ def charts(json_path: str, out_dir: str | None = None) -> list[str]:
     return scale_charts(json_path, out_dir) if "summary" in keys else bench_charts(json_path, out_dir)
 
 
+def write_charts(json_path: str) -> None:
+    """The benchmarks' ``--plots`` step: the charts of ``json_path`` beside it, each path printed; without
+    matplotlib one line says so and nothing else changes (the tables and the JSON stand without the charts)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("no charts: matplotlib is not installed (pip install 'parallel_vae[bench]')")
+        return
+    for png in charts(json_path):
+        print(f"chart: {png}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("json", nargs="+", help="JSON of benchmarks/scale_table.py or benchmarks/bench_vae.py")

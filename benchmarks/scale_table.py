@@ -507,18 +507,12 @@ def main(argv=None) -> dict:
 
 def _plots(json_path: str) -> None:
     """PNG charts beside the JSON (benchmarks/plots.py)."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:  # the tables and the JSON stand without the charts
-        print("no charts: matplotlib is not installed (pip install 'parallel_vae[bench]')")
-        return
     here = os.path.dirname(os.path.abspath(__file__))
     if here not in sys.path:
         sys.path.insert(0, here)
-    from plots import charts
+    from plots import write_charts
 
-    for png in charts(json_path):
-        print(f"chart: {png}")
+    write_charts(json_path)
 
 
 def _merge(args) -> dict:

@@ -230,7 +230,7 @@ def _agree_sizes(vae, op: str, x: torch.Tensor, state: SpatialState) -> list[int
     dtype_code = _DTYPES.index(x.dtype) if x.dtype in _DTYPES else -1
     # The agreement runs on the model's device, not the input's: an input on the wrong device (a CPU tensor
     # handed to a CUDA model, which NCCL cannot even carry) is then reported by the table on every rank.
-    device = _model_device(vae) or x.device
+    device = state_device(vae, x)
     on_device = int(x.device == device)
     mine = [_OPS.index(op), dtype_code, x.dim()] + dims + [on_device]
     meta = torch.tensor(mine, dtype=torch.int64, device=device)

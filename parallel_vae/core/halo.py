@@ -36,7 +36,7 @@ from .plan import SpatialState, Treatment, original_class, sharded_class, unknow
 from .sharding import ShardingError
 
 __all__ = [
-    "add_boundary_taps",
+    "recompute_boundary_rows",
     "corrected_conv",
     "set_overlap",
     "overlap_enabled",
@@ -239,11 +239,10 @@ def corrected_conv(
     """A zero-padded ``nn.Conv2d``/``nn.Conv3d`` on this rank's rows without copying them into a padded buffer.
 
     The convolution runs on ``x`` with its own zero padding, which is right everywhere except the output rows whose
-    kernel reaches past an inner shard boundary, where it saw zeros instead of the neighbour's rows. Those rows get
-    the missing part added: the kernel taps that land on the neighbour's rows, applied to those rows alone (the
-    rest of that small slab is zeros, their part is already in the output). The live memory is the input and the
-    output, as for the unsharded layer (a padded copy would add a third tensor of the layer's size at the peak),
-    and the extra work is a fraction of one output row per boundary.
+    kernel reaches past an inner shard boundary, where it saw zeros instead of the neighbour's rows. Those rows are
+    recomputed from a small slab of the received rows and my own (:func:`recompute_boundary_rows`). The live memory
+    is the input and the output, as for the unsharded layer (a padded copy would add a third tensor of the layer's
+    size at the peak), and the extra work is the boundary output rows, once more.
 
     ``conv_fn(x)``, when given, computes the convolution of ``x`` with the layer's own zero padding in place of a
     plain conv call: a class whose forward wraps its convolution (CogVideoX's ``CogVideoXSafeConv3d`` splits long
@@ -256,8 +255,6 @@ def corrected_conv(
     layer alone, so every rank takes the same path and the exchanges pair up."""
     kh, sh, dh, ph = conv.kernel_size[-2], conv.stride[-2], conv.dilation[-2], conv.padding[-2]
     rows = x.shape[-2]
-    rank, size = group_rank(group), group_size(group)
-    last = rank == size - 1
     reach = dh * (kh - 1)
     inner = reach - ph - (sh - 1)
     if inner < 0 or inner > ph or not -sh <= 2 * ph - reach - 1 <= -1:
@@ -276,11 +273,12 @@ def corrected_conv(
         y = _conv(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     if _OVERLAP:
         above, below = pending.wait()
-    return add_boundary_taps(y, x, above, below, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
-                             conv.groups)
+    return recompute_boundary_rows(
+        y, x, above, below, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups
+    )
 
 
-def add_boundary_taps(
+def recompute_boundary_rows(
     y: torch.Tensor, x: torch.Tensor, above: torch.Tensor, below: torch.Tensor, weight, bias, stride, padding,
     dilation, groups,
 ) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ..core.comm import start_neighbor_rows
-from ..core.halo import _conv, add_boundary_taps, overlap_enabled
+from ..core.halo import _conv, overlap_enabled, recompute_boundary_rows
 from ..core.plan import SpatialState
 
 __all__ = ["HaloCausalConv", "enable_cache_checkpointing", "disable_cache_checkpointing"]
@@ -92,8 +92,9 @@ class HaloCausalConv:
             state.tails[self] = (above[:, :, -k:].clone(), below[:, :, -k:].clone())
         else:
             state.tails.pop(self, None)
-        return add_boundary_taps(y, stack, above, below, self.weight, self.bias, self.stride, padding, self.dilation,
-                                 self.groups)
+        return recompute_boundary_rows(
+            y, stack, above, below, self.weight, self.bias, self.stride, padding, self.dilation, self.groups
+        )
 
 
 def _frames(x: torch.Tensor, n: int) -> list[int]:
