@@ -101,6 +101,11 @@ class Task:
     ranks: list = field(default_factory=list)  # the ranks this one stands for
     dtype: str = "bfloat16"
     checkpointing: bool = False
+    offload: bool = False  # with checkpointing: what the checkpoints keep lives in host memory
+
+    @property
+    def memory(self) -> str:
+        return ("ckpt+offload" if self.offload else "ckpt") if self.checkpointing else "-"
 
 
 @functools.lru_cache(maxsize=None)
@@ -132,7 +137,7 @@ def _rank_task(task: Task) -> dict:
     cls_name, cfg = seeded_config(task.layout)
     start, cpu_start = time.perf_counter(), time.process_time()
     out = measure_rank(cls_name, cfg, task.op, task.frames, task.height, task.width, task.world, task.rank,
-                       getattr(torch, task.dtype), checkpointing=task.checkpointing)
+                       getattr(torch, task.dtype), checkpointing=task.checkpointing, offload=task.offload)
     out.update(seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu_start)
     return out
 
@@ -191,10 +196,22 @@ def _tasks(args) -> list[Task]:
         uhd = Entry("wan", "wan2.1", "Wan2.1 3840x2160x81", 81, 2160, 3840)
         tasks += _config_tasks("moonshot", uhd, "decode", 8, False, False, dtype=args.dtype)
     if "train" in only:
-        for h, w in ((720, 1280), (480, 832)):
+        # issue 18's targets: <= 24 GB per rank for each (op, size, N), every memory option side by side
+        plain, ckpt, offload = dict(), dict(checkpointing=True), dict(checkpointing=True, offload=True)
+        for op, h, w, n, modes in (("train", 720, 1280, 8, (plain, ckpt, offload)),
+                                   ("train", 480, 832, 4, (ckpt, offload)),
+                                   ("reward", 480, 832, 2, (plain, ckpt, offload))):
             entry = Entry("wan", "wan2.1", f"Wan2.1 {w}x{h}x81", 81, h, w)
-            for ckpt in (False, True):
-                tasks += _config_tasks("train", entry, "train", 8, False, False, dtype=args.dtype, checkpointing=ckpt)
+            for mode in modes:
+                tasks += _config_tasks("train", entry, op, n, False, False, dtype=args.dtype, **mode)
+    if "train_families" in only:
+        # every family's training step at its native size, N=8, checkpointed with offload (the configuration a
+        # user short of memory would pick) and checkpointed alone
+        for name in FAMILIES:
+            for entry in ENTRIES.get(name, []):
+                for mode in (dict(checkpointing=True), dict(checkpointing=True, offload=True)):
+                    tasks += _config_tasks("train_families", entry, "train", 8, False, False, dtype=args.dtype,
+                                           **mode)
     if "families" in only:
         wanted = set(args.families.split(",")) if args.families else None
         for name in FAMILIES:
@@ -256,10 +273,10 @@ def _gb(b) -> str:
 
 
 def _configs(results: list[tuple[Task, dict]]) -> dict:
-    """(section, label, op, world, checkpointing) -> {rank: measurement} for every rank (expanded from classes)."""
+    """(section, label, op, world, memory mode) -> {rank: measurement} for every rank (expanded from classes)."""
     out: dict = {}
     for task, res in results:
-        key = (task.section, task.label, task.op, task.world, task.checkpointing)
+        key = (task.section, task.label, task.op, task.world, task.memory)
         for r in task.ranks:
             out.setdefault(key, {})[r] = res
     return out
@@ -284,7 +301,8 @@ def _project(m: dict, flops_per_s: float, link: tuple[float, float], world: int)
 def report(results: list[tuple[Task, dict]], cpu: dict, args) -> dict:
     configs = _configs(results)
     errors = [(t, r["error"]) for t, r in results if "error" in r]
-    summary: dict = {"headline": [], "moonshot": [], "train": [], "families": [], "projection": []}
+    summary: dict = {"headline": [], "moonshot": [], "train": [], "train_families": [], "families": [],
+                     "projection": []}
     for t, e in errors:
         print(f"ERROR {t.label} {t.op} N={t.world} rank {t.rank}: {e}")
 
@@ -330,31 +348,35 @@ def report(results: list[tuple[Task, dict]], cpu: dict, args) -> dict:
               "act / (1/N) = busiest rank's peak live bytes / (N=1 peak / N); FLOP eff = N=1 FLOPs / sum over ranks.")
 
     # ---- moonshots and training ----
-    for section, limit in (("moonshot", 24), ("train", 80)):
+    for section, limit in (("moonshot", 24), ("train", 24), ("train_families", 24)):
         rows = []
         for (sec, label, op, n, ckpt), ranks in configs.items():
             if sec != section:
                 continue
             (r, m), = ranks.items()
             if "error" in m:
-                rows.append([label, op, n, "ckpt" if ckpt else "-", "ERROR"] + ["-"] * 6)
+                rows.append([label, op, n, ckpt, "ERROR"] + ["-"] * 6)
                 continue
             total = _total(m)
-            rec = dict(label=label, op=op, world=n, rank=r, checkpointing=ckpt, total_bytes=total, limit_gb=limit,
+            rec = dict(label=label, op=op, world=n, rank=r, checkpointing=ckpt != "-", memory=ckpt, total_bytes=total,
+                       limit_gb=limit,
                        fits=total <= limit * GB, margin_bytes=limit * GB - total, **{k: m[k] for k in (
                            "peak_live_bytes", "peak_op", "peak_shape", "weight_bytes", "input_bytes", "output_bytes",
                            "master_bytes", "optimizer_state_bytes", "phases", "flops", "traffic", "params")})
             summary[section].append(rec)
             verdict = f"{'fits' if rec['fits'] else 'DOES NOT FIT'} {limit} GB by {abs(rec['margin_bytes']) / GB:.1f} GB"
-            rows.append([label, op, n, "ckpt" if ckpt else "-", _gb(total), _gb(m["weight_bytes"] + m.get("master_bytes", 0)),
+            rows.append([label, op, n, ckpt, _gb(total), _gb(m["weight_bytes"] + m.get("master_bytes", 0)),
                          _gb(m["peak_live_bytes"]), _gb(m.get("optimizer_state_bytes")), f"{m['flops'] / 1e9:,.0f}",
                          verdict, f"{m['peak_op'].replace('aten.', '')} {tuple(m['peak_shape'])}"])
         if rows:
-            what = "3840x2160x81 decode" if section == "moonshot" else "training step (encode + decode + backward + AdamW)"
+            what = {"moonshot": "3840x2160x81 decode",
+                    "train": "training step (encode + decode + backward + AdamW) and reward backward (decode only,"
+                             " frozen VAE)",
+                    "train_families": "every family's training step at its native size"}[section]
             print(f"\n== {what}, {args.dtype}, busiest rank, measured on fake tensors, not GPUs ==")
-            print(_table(["config", "op", "N", "act. ckpt", "total GB", "weights GB", "peak live GB", "AdamW state GB",
+            print(_table(["config", "op", "N", "memory", "total GB", "weights GB", "peak live GB", "AdamW state GB",
                           "GFLOP", "verdict", "peak op"], rows))
-    if summary["train"]:
+    if summary["train"] or summary["train_families"]:
         print("training: weights = bf16 compute weights + float32 masters; peak live = activations, gradients, and\n"
               "(after backward) the AdamW step's moments and temporaries; total = weights + input + peak live.")
 
@@ -423,7 +445,8 @@ def report(results: list[tuple[Task, dict]], cpu: dict, args) -> dict:
 def _parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--only", default="headline,moonshot,train,families",
-                   help="sections to run (default: all): headline, moonshot, train, families")
+                   help="sections to run (default: all but train_families): headline, moonshot, train, families,\n"
+                        "train_families (every family's training step at its native size, N=8)")
     p.add_argument("--worlds", default="1,2,4,8,16,32", help="headline world sizes (default: %(default)s)")
     p.add_argument("--ops", default="decode,encode", help="headline ops (default: %(default)s)")
     p.add_argument("--encode_max_world", type=int, default=8,
@@ -472,7 +495,7 @@ def main(argv=None) -> dict:
         return _merge(args)
     tasks = _tasks(args)
     # Longest first, so the pool's last minutes are not one long task alone.
-    order = {"train": 0, "headline": 1, "moonshot": 1, "families": 2}
+    order = {"train": 0, "train_families": 0, "headline": 1, "moonshot": 1, "families": 2}
     tasks.sort(key=lambda t: (order[t.section], -t.world))
     print(f"{len(tasks)} fake ranks on {args.jobs} worker(s); load average {os.getloadavg()[0]:.2f}", flush=True)
     results = []
@@ -483,7 +506,7 @@ def main(argv=None) -> dict:
             results.append((task, res))
             tag = "ERROR " + res["error"] if "error" in res else f"{res['seconds']:.0f}s"
             print(f"[{time.monotonic() - started:5.0f}s] {task.label} {task.op} N={task.world} rank {task.rank}"
-                  f"{' ckpt' if task.checkpointing else ''}: {tag}", flush=True)
+                  f" {task.memory}: {tag}", flush=True)
         cpu = cpu_job.get()
     print(f"\nmeasured on fake tensors, not GPUs: python benchmarks/scale_table.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     summary = report(results, cpu, args)
@@ -523,7 +546,7 @@ def _merge(args) -> dict:
         cpu = cpu or data["cpu_throughput"]
         for item in data["ranks"]:
             task = Task(**item["task"])
-            key = (task.section, task.label, task.op, task.world, task.rank, task.checkpointing, task.dtype)
+            key = (task.section, task.label, task.op, task.world, task.rank, task.memory, task.dtype)
             if key not in seen:  # the same rank in two files (e.g. N=1 of two headline runs) counts once
                 seen.add(key)
                 results.append((task, item["result"]))

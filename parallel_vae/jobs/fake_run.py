@@ -254,7 +254,8 @@ def run_workload(vae: nn.Module, op: str, x_local: torch.Tensor, *, numel: int =
     """Run ``op`` on this rank's rows (the model must have spatial parallelism enabled, a group of one included).
 
     ``decode`` / ``encode``: the sharded path without autograd; returns this rank's output rows (posterior moments
-    for encode). ``train``: encode, posterior sample, decode, the recipe's loss on this rank's rows (``numel``: the
+    for encode). ``reward``: ``decode_for_reward`` of latents that require grad through the frozen model, a
+    pixel-space loss of this rank's rows, backward to the latents. ``train``: encode, posterior sample, decode, the recipe's loss on this rank's rows (``numel``: the
     whole clip's element count), backward, and ``optimizer``'s step; returns the loss."""
     import parallel_vae as pv
 
@@ -266,6 +267,16 @@ def run_workload(vae: nn.Module, op: str, x_local: torch.Tensor, *, numel: int =
     if op == "encode":
         with torch.no_grad():
             return pv.sharded_encode(vae, x_local).parameters
+    if op == "reward":
+        # the reward use case: a frozen VAE, latents that require grad, a pixel-space loss of this rank's rows
+        # (a sum of squares stands in for the reward), backward to the latents; no optimizer
+        out = pv.decode_for_reward(vae, x_local)
+        loss = out.float().square().sum()
+        del out
+        loss.backward()
+        if tracker is not None:
+            tracker.mark("forward_backward")
+        return loss.detach()
     if op != "train":
         raise ValueError(f"unknown workload {op!r}")
     group = pv.spatial_group(vae)
@@ -330,7 +341,7 @@ def measure(vae: nn.Module, op: str, x_local: torch.Tensor, *, numel: int = 0,
         traffic={k: v for k, v in traffic.as_dict().items() if k != "wait_s"},
         weight_bytes=weight_bytes,
         input_bytes=x_local.numel() * x_local.element_size(),
-        output_bytes=out.numel() * out.element_size() if op != "train" else 0,
+        output_bytes=out.numel() * out.element_size() if op not in ("train", "reward") else 0,
         phases=dict(tracker.phase_peaks),
         optimizer_state_bytes=optimizer.state_bytes() if optimizer is not None else 0,
         master_bytes=optimizer.master_bytes() if optimizer is not None else 0,
@@ -375,8 +386,14 @@ def measure_rank(cls_name: str, config: dict, op: str, frames: Optional[int], he
         with ranks as group:
             pv.enable_spatial_parallelism(vae, group)
             rows = row_split(rows_total, world)[rank]
-            x = local_input(vae, "decode" if op == "decode" else "encode", frames, height, width, rows, dtype)
+            x = local_input(vae, "decode" if op in ("decode", "reward") else "encode", frames, height, width, rows,
+                            dtype)
             optimizer = None
+            if op == "reward":
+                vae.requires_grad_(False)
+                x.requires_grad_(True)
+                if checkpointing:
+                    pv.enable_gradient_checkpointing(vae, offload=offload)
             if op == "train":
                 vae.train()
                 if checkpointing:
