@@ -4,7 +4,8 @@ The same function (``parallel_vae.jobs.fake_run.measure_rank``) runs once on rea
 two gloo ranks of the shared worker pool for N=2) and once on fake tensors over a fake process group, one fake
 rank at a time in this process. Per rank, for decode, encode and a training step (encode, decode, loss on the
 rank's rows, backward, mixed-precision AdamW; and the same step with gradient checkpointing, for Wan and for
-AutoencoderKL, a GroupNorm family): the peak live bytes agree within 1%, the FLOPs exactly, and the
+AutoencoderKL, a GroupNorm family; and the reward backward, a frozen decode to latents that require grad, with and
+without checkpointing): the peak live bytes agree within 1%, the FLOPs exactly, and the
 bytes sent and received per collective kind (and the number of calls) exactly. So the real-scale table measures
 what a real run of that shape would allocate, compute and send.
 
@@ -27,7 +28,7 @@ from tests.dist_harness import run_ranks, values
 # Seeded Wan2.1 layout at width 8: 2 latent frames of 4x4 latents (5 frames of 32x32 pixels). float32, so the real
 # run's halo convs take the oneDNN kernel and the fake run the generic one: both allocate the same outputs.
 LAYOUT, WIDTH, FRAMES, HEIGHT, WIDTH_PX = "wan2.1", 8, 5, 32, 32
-OPS = ("decode", "encode", "train", "train_ckpt")
+OPS = ("decode", "encode", "train", "train_ckpt", "reward", "reward_ckpt")
 # The GroupNorm family of the checkpointed step: AutoencoderKL (diffusers' own checkpointing), 64x48 pixels.
 KL_LAYOUT, KL_WIDTH, KL_HEIGHT, KL_WIDTH_PX = "sd", 8, 64, 48
 
