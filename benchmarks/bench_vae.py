@@ -360,21 +360,21 @@ def _simulated_group(world: int, rank: int):
             comm._counter.add("p2p", row * sum(send_splits), row * sum(recv_splits))
         return send.new_zeros((sum(recv_splits),) + tuple(send.shape[1:]))
 
-    def all_gather(inp, group):
+    def all_gather_start(inp, group):
         if comm._counter is not None:
             comm._counter.add("all_gather", comm._nbytes(inp) * (world - 1), comm._nbytes(inp) * (world - 1))
         return inp.unsqueeze(0).expand(world, *inp.shape).reshape((world * inp.size(0),) + tuple(inp.shape[1:]))
 
-    def wait_tensor(t):
+    def wait_tensor(t, kind="other"):
         return t
 
-    names = ("group_size", "group_rank", "_all_to_all_start", "_all_gather", "_wait_tensor")
+    names = ("group_size", "group_rank", "_all_to_all_start", "_all_gather_start", "_wait_tensor")
     saved = {n: getattr(comm, n) for n in names}
-    comm.group_size, comm.group_rank, comm._all_to_all_start, comm._all_gather, comm._wait_tensor = (
+    comm.group_size, comm.group_rank, comm._all_to_all_start, comm._all_gather_start, comm._wait_tensor = (
         group_size,
         group_rank,
         all_to_all_start,
-        all_gather,
+        all_gather_start,
         wait_tensor,
     )
     try:
