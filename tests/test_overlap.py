@@ -3,7 +3,8 @@
 ``core.comm.set_overlap`` on (the default): ``corrected_conv`` convolves its own rows while the halo rows travel,
 and attention projects its queries while the keys and values travel. Off: each waits right after posting. Float64,
 2 gloo ranks, uneven rows (3/2): output, input gradient and every parameter gradient, overlap on against off with
-``torch.equal``, and the sharded result against the unmodified module (1e-10), for
+``torch.equal`` (for ``ShardedAttention`` also against its query-first order from before the overlap), and the
+sharded result against the unmodified module (1e-10), for
 
 * the three attention layers that reorder their projections: ``ShardedAttention`` on an image (AutoencoderKL's
   mid block), ``ShardedAttention(frames=T)`` (HunyuanVideo's frame-causal mid block) and HunyuanVideo-1.5's
@@ -49,11 +50,13 @@ def _attention_modules():
     def attn():
         return Attention(c, heads=2, dim_head=2, residual_connection=True, bias=True, processor=AttnProcessor2_0())
 
-    def frame_call(m, x):  # (B, C, T, h, W) -> tokens (B, T * h * W, C), as HunyuanVideo's mid block orders them
+    def frame_call(m, x, forward=None):  # (B, C, T, h, W) -> tokens (B, T * h * W, C), as HunyuanVideo orders them
         b, ch, t, h, wd = x.shape
         sharded = isinstance(m, ShardedAttention)
         tokens = x.permute(0, 2, 3, 4, 1).flatten(1, 3)
-        if sharded:
+        if forward is not None:
+            out = forward(m, tokens, t)
+        elif sharded:
             out = m(tokens, frames=t)
         else:
             from diffusers.models.autoencoders.autoencoder_kl_hunyuan_video import prepare_causal_attention_mask
@@ -69,6 +72,24 @@ def _attention_modules():
             HunyuanVideo15AttnBlock(c), ShardedCausalFrameAttention, (1, c, frames, n, w), lambda m, x: m(x)
         ),
     }
+
+
+def _query_first(m, x, frames=None):
+    """``ShardedAttention``'s forward as it was before the overlap (no group norm, as in these modules): q, k, v
+    projected in that order, then the gather waited on inside ``sharded_sdpa`` / ``frame_causal_sdpa``."""
+    from parallel_vae.core.attention import frame_causal_sdpa, sharded_sdpa
+
+    group, residual = m._pv_state.group, x
+    shape = x.shape
+    if x.dim() == 4:
+        x = x.reshape(shape[0], shape[1], -1).transpose(1, 2)  # (B, C, h_r, W) -> (B, h_r * W, C)
+    b, n, _ = x.shape
+    q, k, v = (t.reshape(b, n, m.heads, -1).transpose(1, 2) for t in (m.to_q(x), m.to_k(x), m.to_v(x)))
+    out = sharded_sdpa(q, k, v, group) if frames is None else frame_causal_sdpa(q, k, v, frames, group)
+    out = m.to_out[0](out.transpose(1, 2).reshape(b, n, -1))
+    if len(shape) == 4:
+        out = out.transpose(-1, -2).reshape(shape)
+    return (out + residual) / m.rescale_output_factor
 
 
 def _run_sharded(call, module, x_local, gout_local):
@@ -102,8 +123,17 @@ def _worker(rank, world):
                 runs[overlap] = _run_sharded(call, module, x.narrow(-2, start, rows), gout.narrow(-2, start, rows))
             finally:
                 comm.set_overlap(previous)
-        (y_on, g_on), (y_off, g_off) = runs[True], runs[False]
-        bitwise = torch.equal(y_on, y_off) and all(torch.equal(a, b) for a, b in zip(g_on, g_off))
+        if name == "attention-image":  # and the order before the overlap (the fan-out keeps its gradient sums)
+            runs["before"] = _run_sharded(
+                lambda m, x: _query_first(m, x), module, x.narrow(-2, start, rows), gout.narrow(-2, start, rows)
+            )
+        if name == "attention-frames":
+            call_before = lambda m, x: call(m, x, _query_first)  # noqa: E731
+            runs["before"] = _run_sharded(call_before, module, x.narrow(-2, start, rows), gout.narrow(-2, start, rows))
+        y_on, g_on = runs[True]
+        bitwise = all(
+            torch.equal(y_on, y) and all(torch.equal(a, b) for a, b in zip(g_on, g)) for y, g in runs.values()
+        )
         # parity with the unmodified module: my rows of the output and input gradient; parameter gradients summed
         # over the group (the gradient contract), against the scale of the module's parameter gradients (the key
         # bias's gradient is zero up to rounding: softmax does not see a shift of every score by one number)

@@ -31,6 +31,32 @@ __all__ = [
 ]
 
 
+class _FanOut(torch.autograd.Function):
+    """forward: ``n`` aliases of ``x``, one per use (query, key, value projections, the residual); backward: their
+    gradients summed last to first.
+
+    Autograd sums the gradients of a tensor used several times in the order its engine runs the uses' backwards,
+    which follows the order the uses were created. Projecting keys and values before queries (the overlap) would
+    change that grouping and move float64 gradients by an ulp; summing here in a fixed order keeps them bitwise
+    those of the query-first order, ((g_v + g_k) + g_q), with the overlap on or off."""
+
+    @staticmethod
+    def forward(ctx, x, n):
+        return tuple(x.view_as(x) for _ in range(n))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        total = grads[-1]
+        for g in reversed(grads[:-1]):
+            total = total + g
+        return total, None
+
+
+def fan_out(x: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+    """forward: ``n`` aliases of ``x``; backward: their gradients summed last to first (see :class:`_FanOut`)."""
+    return _FanOut.apply(x, n) if torch.is_grad_enabled() and x.requires_grad else (x,) * n
+
+
 class PendingKV:
     """Every rank's keys and values of one posted gather (:func:`start_kv_gather`); :meth:`attend` waits for them
     (on its first use; :meth:`wait` waits earlier) and runs the attention of this rank's queries against them."""
@@ -165,7 +191,11 @@ class ShardedAttention(Attention):
             x = self.group_norm(x.transpose(1, 2)).transpose(1, 2)
         # Keys and values first: their gather travels while this rank projects its queries (the overlap;
         # core.comm.set_overlap(False) waits right after posting instead, with the same arithmetic).
-        k, v = self.to_k(x), self.to_v(x)
+        if residual is x:  # tokens in, no group norm: the residual is a fourth use of the same tensor
+            x_q, x_k, x_v, residual = fan_out(x, 4)
+        else:
+            x_q, x_k, x_v = fan_out(x, 3)
+        k, v = self.to_k(x_k), self.to_v(x_v)
         head_dim = k.shape[-1] // self.heads
         heads = lambda t: t.reshape(b, n, self.heads, head_dim).transpose(1, 2)  # noqa: E731
         k, v = heads(k), heads(v)  # (B, n, heads * d) -> (B, heads, n, d)
@@ -173,7 +203,7 @@ class ShardedAttention(Attention):
         pending = start_kv_gather(k, v, group, sizes, frames)
         if not overlap_enabled():
             pending.wait()
-        q = heads(self.to_q(x))
+        q = heads(self.to_q(x_q))
         out = pending.attend(q)
         # (B, heads, n, d) -> (B, n, heads * d)
         out = out.transpose(1, 2).reshape(b, n, self.heads * head_dim).to(q.dtype)

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 from diffusers.models.autoencoders import autoencoder_kl_hunyuanvideo15 as hv15
 
-from ..core.attention import start_kv_gather
+from ..core.attention import fan_out, start_kv_gather
 from ..core.comm import overlap_enabled
 from ..layers.pad_conv import HaloedInnerConv, HaloPadConv
 from ..core.plan import SpatialState, Treatment, classify, original_class, sharded_class, unknown_module
@@ -56,7 +56,8 @@ class ShardedCausalFrameAttention:
         identity = x
         x = self.norm(x)
         # Keys and values first: their gather travels while this rank projects its queries (core.comm.set_overlap).
-        key, value = self.to_k(x), self.to_v(x)
+        x_q, x_k, x_v = fan_out(x, 3)  # the gradient's grouping of the query-first order (core/attention.py)
+        key, value = self.to_k(x_k), self.to_v(x_v)
         b, c, t, h, w = key.shape
         # (b, c, t, h_r, w) -> (b, 1, t * h_r * w, c): tokens ordered (frame, my rows, columns), as diffusers orders
         # (frame, rows, columns), so gathering each frame's positions in rank order gives diffusers' token order.
@@ -65,7 +66,7 @@ class ShardedCausalFrameAttention:
         pending = start_kv_gather(tokens(key), tokens(value), state.group, state.level_sizes(h * w), t)
         if not overlap_enabled():
             pending.wait()
-        x = pending.attend(tokens(self.to_q(x)))
+        x = pending.attend(tokens(self.to_q(x_q)))
         # (b, 1, t * h_r * w, c) -> (b, c, t, h_r, w)
         x = x.squeeze(1).reshape(b, t, h, w, c).permute(0, 4, 1, 2, 3)
         x = self.proj_out(x)
