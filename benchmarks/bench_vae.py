@@ -126,6 +126,7 @@ class Job:
     seed: int
     tf32: bool = False
     ref_path: str = ""
+    overlap: bool = True  # core.comm.set_overlap: collectives overlapped with local work, or waited at once
 
 
 def _model(job: Job, device: torch.device):
@@ -217,6 +218,9 @@ def _rank_body(rank: int, world: int, job: Job, tmpdir: str) -> dict:
     in_unit = 1 if job.op == "decode" else f
     x = full
     if job.impl == "parallel":
+        from parallel_vae.core.comm import set_overlap
+
+        set_overlap(job.overlap)
         pv.enable_spatial_parallelism(vae)
         if job.mode == "sharded":
             x = full.narrow(-2, first * in_unit, rows * in_unit).contiguous()
@@ -260,7 +264,7 @@ def _rank_body(rank: int, world: int, job: Job, tmpdir: str) -> dict:
     del out
 
     # 2. timed runs (min over repeats); on GPU the first one also measures max_memory_allocated.
-    walls, cpus, waits = [], [], []
+    walls, cpus, waits, kinds = [], [], [], []
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
@@ -274,6 +278,7 @@ def _rank_body(rank: int, world: int, job: Job, tmpdir: str) -> dict:
         walls.append(clock.wall)
         cpus.append(clock.cpu)
         waits.append(timed_traffic.wait_s)
+        kinds.append(dict(timed_traffic.wait_by_kind))
         if device.type == "cuda" and i == 0:
             res["peak_live_bytes"] = torch.cuda.max_memory_allocated(device) - base_alloc
     if device.type == "cuda" and "peak_live_bytes" not in res:
@@ -285,6 +290,7 @@ def _rank_body(rank: int, world: int, job: Job, tmpdir: str) -> dict:
         cpu_s=min(cpus) if cpus else None,
         # NCCL waits are stream-ordered (the host does not block), so the host-side wait means nothing on GPU.
         comm_wait_s=waits[best] if walls and device.type == "cpu" else None,
+        comm_wait_s_by_kind=kinds[best] if walls and device.type == "cpu" else None,
         walls=walls,
         cpus=cpus,
         rss_before_bytes=rss_before,
@@ -360,21 +366,21 @@ def _simulated_group(world: int, rank: int):
             comm._counter.add("p2p", row * sum(send_splits), row * sum(recv_splits))
         return send.new_zeros((sum(recv_splits),) + tuple(send.shape[1:]))
 
-    def all_gather(inp, group):
+    def all_gather_start(inp, group):
         if comm._counter is not None:
             comm._counter.add("all_gather", comm._nbytes(inp) * (world - 1), comm._nbytes(inp) * (world - 1))
         return inp.unsqueeze(0).expand(world, *inp.shape).reshape((world * inp.size(0),) + tuple(inp.shape[1:]))
 
-    def wait_tensor(t):
+    def wait_tensor(t, kind="other"):
         return t
 
-    names = ("group_size", "group_rank", "_all_to_all_start", "_all_gather", "_wait_tensor")
+    names = ("group_size", "group_rank", "_all_to_all_start", "_all_gather_start", "_wait_tensor")
     saved = {n: getattr(comm, n) for n in names}
-    comm.group_size, comm.group_rank, comm._all_to_all_start, comm._all_gather, comm._wait_tensor = (
+    comm.group_size, comm.group_rank, comm._all_to_all_start, comm._all_gather_start, comm._wait_tensor = (
         group_size,
         group_rank,
         all_to_all_start,
-        all_gather,
+        all_gather_start,
         wait_tensor,
     )
     try:
@@ -587,12 +593,14 @@ def _summarize(job: Job, ranks: list[dict], base: Optional[dict], oversubscribed
         "op": job.op,
         "mode": job.mode,
         "world": job.world,
+        "overlap": job.overlap if job.impl == "parallel" else None,
         "oversubscribed": oversubscribed,
         "wall_s": max(walls) if timed else None,
         "cpu_s_per_rank": cpus if timed else None,
         "comm_wait_s_per_rank": [r["comm_wait_s"] for r in ranks]
         if timed and ranks[0]["comm_wait_s"] is not None
         else None,
+        "comm_wait_s_by_kind_per_rank": [r.get("comm_wait_s_by_kind") for r in ranks] if timed else None,
         "flops_per_rank": [r["flops"] for r in ranks],
         "peak_live_bytes_per_rank": [r.get("peak_live_bytes") for r in ranks],
         "peak_live_op": ranks[0].get("peak_live_op"),
@@ -625,6 +633,7 @@ def _main_table(summaries: list[dict]) -> str:
         "impl",
         "mode",
         "N",
+        "overlap",
         "wall s",
         "speed-up",
         "CPU s/rank",
@@ -649,6 +658,7 @@ def _main_table(summaries: list[dict]) -> str:
                 s["impl"],
                 s["mode"],
                 s["world"],
+                {None: "-", True: "on", False: "off"}[s.get("overlap")],
                 "oversub." if s["oversubscribed"] else _fmt(s["wall_s"], ".2f"),
                 _fmt(s.get("speedup"), ".2f"),
                 "-" if cpus is None else "/".join(f"{c:.2f}" for c in cpus),
@@ -664,6 +674,35 @@ def _main_table(summaries: list[dict]) -> str:
                 _fmt(s.get("rel_err"), ".1e"),
             ]
         )
+    return _table(headers, rows)
+
+
+def _overlap_table(summaries: list[dict]) -> str:
+    """Overlap off beside on, per (op, N) that ran both (sharded, timed)."""
+    rows = []
+    by = {(s["op"], s["world"], s.get("overlap")): s for s in summaries if s["mode"] == "sharded" and s["world"] > 1}
+    for (op, n, overlap), off in by.items():
+        on = by.get((op, n, True))
+        if overlap is not False or on is None or not off["comm_wait_s_per_rank"] or not on["comm_wait_s_per_rank"]:
+            continue
+
+        def per_rank(s, kind=None):
+            if kind is None:
+                return "/".join(f"{w:.3f}" for w in s["comm_wait_s_per_rank"])
+            return "/".join(f"{(k or {}).get(kind, 0.0):.3f}" for k in s["comm_wait_s_by_kind_per_rank"])
+
+        row = [op, n]
+        for kind in (None, "p2p", "all_gather", "all_reduce"):
+            row += [per_rank(off, kind), per_rank(on, kind)]
+        row += ["/".join(f"{c:.2f}" for c in off["cpu_s_per_rank"]), "/".join(f"{c:.2f}" for c in on["cpu_s_per_rank"])]
+        row += [_fmt(off.get("work_efficiency"), ".3f"), _fmt(on.get("work_efficiency"), ".3f")]
+        row += [_fmt(off["wall_s"], ".2f"), _fmt(on["wall_s"], ".2f")]
+        rows.append(row)
+    if not rows:
+        return ""
+    headers = ["op", "N"]
+    for name in ("wait s", "p2p wait", "all_gather wait", "all_reduce wait", "CPU s", "work eff", "wall s"):
+        headers += [f"{name} off", f"{name} on"]
     return _table(headers, rows)
 
 
@@ -727,7 +766,13 @@ def _targets(summaries: list[dict], n_cores: int, device: str) -> list[tuple[str
 
     def find(op, impl, mode, world):
         return next(
-            (s for s in summaries if (s["op"], s["impl"], s["mode"], s["world"]) == (op, impl, mode, world)), None
+            (
+                s
+                for s in summaries
+                if (s["op"], s["impl"], s["mode"], s["world"]) == (op, impl, mode, world)
+                and s.get("overlap") is not False
+            ),
+            None,
         )
 
     for op in ("decode", "encode"):
@@ -792,6 +837,12 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--ops", default="decode,encode")
     p.add_argument("--modes", default="sharded,replicated", help="parallel modes (replicated skipped at N=1)")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per configuration after the counting run")
+    p.add_argument(
+        "--overlap",
+        default="off,on",
+        help="sharded runs with the collectives overlapped with local work (on: the library's default) and waited\n"
+        "at once (off), side by side: each rank's wait time per collective and the CPU work (core.comm.set_overlap)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank and for the baseline (CPU)")
     p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -835,6 +886,7 @@ def main(argv=None) -> dict:
     worlds = [int(w) for w in args.worlds.split(",") if w]
     ops = [o for o in args.ops.split(",") if o]
     modes = [m for m in args.modes.split(",") if m]
+    overlaps = [{"on": True, "off": False}[o] for o in args.overlap.split(",") if o]
     # Spawned ranks inherit this: one OpenMP pool of --threads threads per rank.
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     machine = _machine(device)
@@ -874,6 +926,19 @@ def main(argv=None) -> dict:
                 over = device == "cpu" and n * args.threads > cores
                 repeats = 0 if over else (args.repeats if mode == "sharded" else 1)
                 ref = base_ranks[0]["ref_file"]
+                # Overlap off is a sharded comparison only (N > 1, timed); everything else runs the default (on).
+                compare = mode == "sharded" and n > 1 and not over
+                for overlap in [o for o in overlaps if not o] if compare else []:
+                    job = Job(impl="parallel", op=op, mode=mode, world=n, repeats=repeats, ref_path=ref,
+                              overlap=overlap, **common)
+                    load = os.getloadavg()[0]
+                    elapsed = time.monotonic() - started
+                    print(f"[{elapsed:6.1f}s] {op}: parallel {mode} N={n} overlap off ...", flush=True)
+                    ranks = _launch(job, args.timeout)
+                    summaries.append(_summarize(job, ranks, base, over, load))
+                    raw[f"{op}/{mode}/{n}/overlap-off"] = ranks
+                if compare and True not in overlaps:
+                    continue
                 job = Job(impl="parallel", op=op, mode=mode, world=n, repeats=repeats, ref_path=ref, **common)
                 load = os.getloadavg()[0]
                 tag = " (oversubscribed: memory and counts only)" if over else ""
@@ -931,6 +996,16 @@ def main(argv=None) -> dict:
         "metadata); rel err = max |parallel - diffusers| / max |diffusers|. 'oversub.': more ranks than cores,\n"
         "speed not reported."
     )
+    overlap_table = _overlap_table(summaries)
+    if overlap_table:
+        print()
+        print("== overlap off vs on (sharded): each rank's time blocked in collectives, in all and per kind, and the\n"
+              "   CPU work; rank 0/rank 1/... ==")
+        print(overlap_table)
+        print("wait = wall time blocked in the collectives' waits (core.comm._wait_tensor: the halo all-to-all\n"
+              "'p2p', the K/V 'all_gather' (also the GroupNorm statistics), the GroupNorm backward 'all_reduce');\n"
+              "off = wait right after posting, on = the interior conv / the query projection run first; work eff =\n"
+              "baseline CPU / sum of rank CPU. CPU only: on NCCL the host does not block in a wait.")
     ceilings = [s for s in summaries if s.get("ceiling_wall_s") is not None]
     if ceilings:
         print()

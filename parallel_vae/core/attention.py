@@ -7,6 +7,11 @@ matrix over all tokens is built anywhere: with a frame-causal mask (HunyuanVideo
 frame attend to the keys of frames up to their own in one SDPA call without a mask, so the peak is one query
 frame's scores against the keys it may see, not a (tokens x tokens) mask.
 
+Overlap: the keys and values are projected first and their gather posted (:func:`start_kv_gather`); the query
+projection runs while they travel, and only the SDPA waits. The gather's autograd Function posts and returns; the
+wait and the unpadding of uneven shards come after it as plain autograd (``comm.PendingGather``), so nothing
+inside the Function forces the wait early.
+
 ``ShardedAttention`` stands in for diffusers' ``Attention`` in the self-attention-over-pixels configuration the
 VAE mid blocks use (group norm inside, residual connection, optional rescale, the default SDPA processor).
 """
@@ -19,9 +24,97 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from .comm import gather_rows
+from .comm import overlap_enabled, start_gather_rows
 
-__all__ = ["sharded_sdpa", "frame_causal_sdpa", "ShardedAttention", "check_pixel_attention"]
+__all__ = [
+    "sharded_sdpa", "frame_causal_sdpa", "start_kv_gather", "PendingKV", "ShardedAttention", "check_pixel_attention"
+]
+
+
+class _FanOut(torch.autograd.Function):
+    """forward: ``n`` aliases of ``x``, one per use (query, key, value projections, the residual); backward: their
+    gradients summed last to first.
+
+    Autograd sums the gradients of a tensor used several times in the order its engine runs the uses' backwards,
+    which follows the order the uses were created. Projecting keys and values before queries (the overlap) would
+    change that grouping and move float64 gradients by an ulp; summing here in a fixed order keeps them bitwise
+    those of the query-first order, ((g_v + g_k) + g_q), with the overlap on or off."""
+
+    @staticmethod
+    def forward(ctx, x, n):
+        return tuple(x.view_as(x) for _ in range(n))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        total = grads[-1]
+        for g in reversed(grads[:-1]):
+            total = total + g
+        return total, None
+
+
+def fan_out(x: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+    """forward: ``n`` aliases of ``x``; backward: their gradients summed last to first (see :class:`_FanOut`)."""
+    return _FanOut.apply(x, n) if torch.is_grad_enabled() and x.requires_grad else (x,) * n
+
+
+class PendingKV:
+    """Every rank's keys and values of one posted gather (:func:`start_kv_gather`); :meth:`attend` waits for them
+    (on its first use; :meth:`wait` waits earlier) and runs the attention of this rank's queries against them."""
+
+    def __init__(self, pending, d_k: int, d_v: int, frames: Optional[int], local: int):
+        self._pending, self._d_k, self._d_v, self.frames, self._local = pending, d_k, d_v, frames, local
+
+    def wait(self) -> torch.Tensor:
+        """The gathered keys and values side by side: (.., sum_r Lk_r, d_k + d_v), or with ``frames``
+        (B, h, T, L, d_k + d_v)."""
+        return self._pending.wait()
+
+    def attend(self, q: torch.Tensor) -> torch.Tensor:
+        """SDPA of ``q`` (.., Lq, d) against the gathered keys and values (frame-causal with ``frames``)."""
+        kv = self.wait()
+        if self.frames is None:
+            k, v = kv.split([self._d_k, self._d_v], -1)
+            return F.scaled_dot_product_attention(q, k, v)
+        b, h, n, d = q.shape
+        frames, local, total = self.frames, self._local, kv.shape[3]
+        q = q.reshape(b, h, frames, local, d)  # (B, h, T * L_r, d) -> (B, h, T, L_r, d)
+        out = []
+        for t in range(frames):
+            # keys and values of frames 0..t: (B, h, (t + 1) * L, d)
+            seen = kv.narrow(2, 0, t + 1).reshape(b, h, (t + 1) * total, self._d_k + self._d_v)
+            k_t, v_t = seen.split([self._d_k, self._d_v], -1)
+            out.append(F.scaled_dot_product_attention(q[:, :, t], k_t, v_t))
+        # T x (B, h, L_r, d_v) -> (B, h, T * L_r, d_v)
+        return torch.stack(out, 2).reshape(b, h, n, self._d_v)
+
+
+def start_kv_gather(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group,
+    sizes: Optional[Sequence[int]] = None,
+    frames: Optional[int] = None,
+) -> PendingKV:
+    """forward: post the all-gather of every rank's keys/values (.., Lk_r, d) along dim -2 in rank order and return
+    at once; backward: key/value gradients reduce-scattered to their owners.
+
+    With ``frames``, ``k`` and ``v`` are (B, heads, frames * L_r, d), tokens ordered (frame, this rank's
+    positions), and the gather runs along the positions of each frame. ``sizes``: every rank's Lk_r (with
+    ``frames``: its L_r), from the agreed split (``SpatialState.level_sizes``); ``None`` gathers them (one small
+    collective and a host read: avoid it per layer on GPUs). Work that needs only this rank's tokens (the query
+    projection) can run before :meth:`PendingKV.attend`, while the keys and values travel."""
+    # (.., Lk_r, 2d): one gather for keys and values together
+    kv = torch.cat([k, v], -1)
+    local = None
+    if frames is None:
+        pending = start_gather_rows(kv, group, dim=-2, sizes=sizes, sum_grads=True)
+    else:
+        b, h, n, _ = k.shape
+        local = n // frames
+        # (B, h, T * L_r, 2d) -> (B, h, T, L_r, 2d), gathered along the positions: (B, h, T, L, 2d)
+        kv = kv.reshape(b, h, frames, local, kv.shape[-1])
+        pending = start_gather_rows(kv, group, dim=3, sizes=sizes, sum_grads=True)
+    return PendingKV(pending, k.shape[-1], v.shape[-1], frames, local)
 
 
 def sharded_sdpa(
@@ -30,12 +123,8 @@ def sharded_sdpa(
     """forward: SDPA of my queries (.., Lq, d) against every rank's keys/values (.., Lk_r, d) gathered along dim -2
     in rank order; backward: key/value gradients reduce-scattered to their owners.
 
-    ``sizes``: every rank's Lk_r, from the agreed split (``SpatialState.level_sizes``); ``None`` gathers them
-    (one small collective and a host read: avoid it per layer on GPUs)."""
-    # (.., Lk_r, 2d) -> (.., sum_r Lk_r, 2d): one gather for keys and values together
-    kv = gather_rows(torch.cat([k, v], -1), group, dim=-2, sizes=sizes, sum_grads=True)
-    k, v = kv.split([k.shape[-1], v.shape[-1]], -1)
-    return F.scaled_dot_product_attention(q, k, v)
+    ``sizes``: every rank's Lk_r, as in :func:`start_kv_gather`, which this is with the queries already at hand."""
+    return start_kv_gather(k, v, group, sizes).attend(q)
 
 
 def frame_causal_sdpa(
@@ -45,24 +134,11 @@ def frame_causal_sdpa(
     :func:`sharded_sdpa`.
 
     ``q``, ``k``, ``v``: (B, heads, frames * L_r, d), tokens ordered (frame, this rank's positions), L_r may differ
-    between ranks (``sizes``: every rank's L_r, as in :func:`sharded_sdpa`). One SDPA call per query frame against the keys of frames 0..t, with no mask: peak score memory is
-    one query frame's (L_r x (t + 1) L) block, never (frames L)^2.
+    between ranks (``sizes``: every rank's L_r, as in :func:`sharded_sdpa`). One SDPA call per query frame against
+    the keys of frames 0..t, with no mask: peak score memory is one query frame's (L_r x (t + 1) L) block, never
+    (frames L)^2.
     """
-    b, h, n, d = q.shape
-    local = n // frames
-    # (B, h, T * L_r, d) -> (B, h, T, L_r, 2d) -> gathered along the positions: (B, h, T, L, 2d)
-    kv = torch.cat([k, v], -1).reshape(b, h, frames, local, 2 * d)
-    kv = gather_rows(kv, group, dim=3, sizes=sizes, sum_grads=True)
-    total = kv.shape[3]
-    q = q.reshape(b, h, frames, local, d)
-    out = []
-    for t in range(frames):
-        # keys and values of frames 0..t: (B, h, (t + 1) * L, d)
-        seen = kv.narrow(2, 0, t + 1).reshape(b, h, (t + 1) * total, 2 * d)
-        k_t, v_t = seen.split([d, v.shape[-1]], -1)
-        out.append(F.scaled_dot_product_attention(q[:, :, t], k_t, v_t))
-    # T x (B, h, L_r, d) -> (B, h, T * L_r, d)
-    return torch.stack(out, 2).reshape(b, h, n, v.shape[-1])
+    return start_kv_gather(k, v, group, sizes, frames).attend(q)
 
 
 # Only the default SDPA processor: the classic ``AttnProcessor`` computes the softmax in float32 when
@@ -113,14 +189,22 @@ class ShardedAttention(Attention):
         if self.group_norm is not None:
             # a ShardedGroupNorm (the plan swaps every GroupNorm): statistics over all ranks' tokens
             x = self.group_norm(x.transpose(1, 2)).transpose(1, 2)
-        q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
-        head_dim = k.shape[-1] // self.heads
-        # (B, n, heads * d) -> (B, heads, n, d)
-        q, k, v = (t.reshape(b, n, self.heads, head_dim).transpose(1, 2) for t in (q, k, v))
-        if frames is None:
-            out = sharded_sdpa(q, k, v, group, self._pv_state.level_sizes(n))
+        # Keys and values first: their gather travels while this rank projects its queries (the overlap;
+        # core.comm.set_overlap(False) waits right after posting instead, with the same arithmetic).
+        if residual is x:  # tokens in, no group norm: the residual is a fourth use of the same tensor
+            x_q, x_k, x_v, residual = fan_out(x, 4)
         else:
-            out = frame_causal_sdpa(q, k, v, frames, group, self._pv_state.level_sizes(n // frames))
+            x_q, x_k, x_v = fan_out(x, 3)
+        k, v = self.to_k(x_k), self.to_v(x_v)
+        head_dim = k.shape[-1] // self.heads
+        heads = lambda t: t.reshape(b, n, self.heads, head_dim).transpose(1, 2)  # noqa: E731
+        k, v = heads(k), heads(v)  # (B, n, heads * d) -> (B, heads, n, d)
+        sizes = self._pv_state.level_sizes(n if frames is None else n // frames)
+        pending = start_kv_gather(k, v, group, sizes, frames)
+        if not overlap_enabled():
+            pending.wait()
+        q = heads(self.to_q(x_q))
+        out = pending.attend(q)
         # (B, heads, n, d) -> (B, n, heads * d)
         out = out.transpose(1, 2).reshape(b, n, self.heads * head_dim).to(q.dtype)
         out = self.to_out[1](self.to_out[0](out))

@@ -40,10 +40,14 @@ __all__ = [
     "halo_pad",
     "scatter_rows",
     "gather_rows",
+    "start_gather_rows",
+    "PendingGather",
     "all_gather_sizes",
     "group_rank",
     "group_size",
     "CommCounter",
+    "set_overlap",
+    "overlap_enabled",
     "count_traffic",
 ]
 
@@ -86,6 +90,7 @@ class CommCounter:
         self.received: Counter = Counter()
         self.calls: Counter = Counter()
         self.wait_s = 0.0  # wall time spent blocked on collectives (waiting for peers and for the transfer)
+        self.wait_by_kind: Counter = Counter()  # the same, per kind of collective waited on
 
     def add(self, kind: str, sent: int, received: int) -> None:
         self.sent[kind] += sent
@@ -98,12 +103,32 @@ class CommCounter:
             "sent_bytes": sum(self.sent.values()),
             "received_bytes": sum(self.received.values()),
             "wait_s": self.wait_s,
+            "wait_s_by_kind": dict(sorted(self.wait_by_kind.items())),
             "by_kind": {k: {"sent": self.sent[k], "received": self.received[k], "calls": self.calls[k]} for k in kinds},
         }
 
 
 # Off (None) by default: each collective then pays one global read.
 _counter: Optional[CommCounter] = None
+
+_OVERLAP = True
+
+
+def set_overlap(enabled: bool) -> bool:
+    """Whether the layers overlap their collectives with local work (default on); returns the previous setting.
+
+    On: ``corrected_conv`` (core/halo.py) convolves its own rows while the halo rows travel, and attention
+    (core/attention.py) projects its queries while the keys and values travel. Off: each waits right after
+    posting, then does the same local work. The arithmetic and its order are the same either way, so outputs and
+    gradients are bitwise equal; only where the waits fall differs (``benchmarks/bench_vae.py`` compares both)."""
+    global _OVERLAP
+    previous, _OVERLAP = _OVERLAP, bool(enabled)
+    return previous
+
+
+def overlap_enabled() -> bool:
+    """See :func:`set_overlap`."""
+    return _OVERLAP
 
 
 @contextlib.contextmanager
@@ -131,15 +156,18 @@ def _counting() -> bool:
     return _counter is not None and not torch.compiler.is_compiling()
 
 
-def _wait_tensor(t: torch.Tensor) -> torch.Tensor:
-    """Wait for a functional collective's result (identity for autograd); the wait is timed when counting."""
+def _wait_tensor(t: torch.Tensor, kind: str = "other") -> torch.Tensor:
+    """Wait for a functional collective's result (identity for autograd); the wait is timed when counting, in all
+    and per ``kind`` (the :class:`CommCounter` kinds)."""
     if torch.compiler.is_compiling():
         return torch.ops._c10d_functional.wait_tensor(t)
     if not _counting():
         return wait_tensor(t)  # core/failure.py: a plain wait, or a watched one inside fail_fast
     start = time.perf_counter()
     out = wait_tensor(t)
-    _counter.wait_s += time.perf_counter() - start
+    waited = time.perf_counter() - start
+    _counter.wait_s += waited
+    _counter.wait_by_kind[kind] += waited
     return out
 
 
@@ -154,13 +182,18 @@ def _all_to_all_start(
     return torch.ops._c10d_functional.all_to_all_single(send, list(recv_splits), list(send_splits), _group_name(group))
 
 
-def _all_gather(inp: torch.Tensor, group) -> torch.Tensor:
-    """Every rank's ``inp`` (equal shapes) concatenated along dim 0 in group-rank order."""
+def _all_gather_start(inp: torch.Tensor, group) -> torch.Tensor:
+    """Post the gather of every rank's ``inp`` (equal shapes) along dim 0 in group-rank order and return the result,
+    not yet waited on (see :func:`_wait_tensor`)."""
     size = group_size(group)
     if _counting():
         _counter.add("all_gather", _nbytes(inp) * (size - 1), _nbytes(inp) * (size - 1))
-    out = torch.ops._c10d_functional.all_gather_into_tensor(inp.contiguous(), size, _group_name(group))
-    return _wait_tensor(out)
+    return torch.ops._c10d_functional.all_gather_into_tensor(inp.contiguous(), size, _group_name(group))
+
+
+def _all_gather(inp: torch.Tensor, group) -> torch.Tensor:
+    """Every rank's ``inp`` (equal shapes) concatenated along dim 0 in group-rank order."""
+    return _wait_tensor(_all_gather_start(inp, group), "all_gather")
 
 
 def _all_gather_single(out: torch.Tensor, inp: torch.Tensor, group) -> None:
@@ -173,7 +206,8 @@ def _all_reduce_sum(t: torch.Tensor, group) -> None:
     if _counting():
         peers = group_size(group) - 1
         _counter.add("all_reduce", _nbytes(t) * peers, _nbytes(t) * peers)
-    t.copy_(_wait_tensor(torch.ops._c10d_functional.all_reduce(t.contiguous(), "sum", _group_name(group))))
+    out = torch.ops._c10d_functional.all_reduce(t.contiguous(), "sum", _group_name(group))
+    t.copy_(_wait_tensor(out, "all_reduce"))
 
 
 def _reduce_scatter_sum(inp: torch.Tensor, group) -> torch.Tensor:
@@ -183,7 +217,7 @@ def _reduce_scatter_sum(inp: torch.Tensor, group) -> torch.Tensor:
         chunk = _nbytes(inp) // size
         _counter.add("reduce_scatter", _nbytes(inp) - chunk, chunk * (size - 1))
     out = torch.ops._c10d_functional.reduce_scatter_tensor(inp.contiguous(), "sum", size, _group_name(group))
-    return _wait_tensor(out)
+    return _wait_tensor(out, "reduce_scatter")
 
 
 def _broadcast(t: torch.Tensor, group, src: int = 0) -> None:
@@ -193,7 +227,7 @@ def _broadcast(t: torch.Tensor, group, src: int = 0) -> None:
         mine = group_rank(group) == src
         _counter.add("broadcast", _nbytes(t) * peers if mine else 0, 0 if mine else _nbytes(t))
     root = _global_peer(group, src)  # the functional broadcast names its source by global rank
-    t.copy_(_wait_tensor(torch.ops._c10d_functional.broadcast(t.contiguous(), root, _group_name(group))))
+    t.copy_(_wait_tensor(torch.ops._c10d_functional.broadcast(t.contiguous(), root, _group_name(group)), "broadcast"))
 
 
 def _rows_shape(x: torch.Tensor, dim: int, rows: int) -> list[int]:
@@ -248,18 +282,28 @@ def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     return out
 
 
-def _gather(x: torch.Tensor, group, dim: int, sizes: Sequence[int]) -> torch.Tensor:
-    """All-gather every rank's rows (variable counts) into the full tensor, in group-rank order."""
-    size = group_size(group)
-    longest = max(sizes)
+def _gather_start(x: torch.Tensor, group, dim: int, sizes: Sequence[int]) -> torch.Tensor:
+    """Post the all-gather of every rank's rows (variable counts, each padded to the longest); returns the padded
+    result (size * longest, ..), rows first, not yet waited on: :func:`_gather_finish` waits and unpads it."""
     # (.., rows, ..) -> (rows, ..): the collective concatenates along dim 0.
-    local = _pad_rows(x.movedim(dim, 0), longest)
-    out = _all_gather(local, group)  # (size * longest, ..)
+    return _all_gather_start(_pad_rows(x.movedim(dim, 0), max(sizes)), group)
+
+
+def _gather_finish(out: torch.Tensor, dim: int, sizes: Sequence[int]) -> torch.Tensor:
+    """Wait for :func:`_gather_start`'s result, then drop each rank's padding rows: the full tensor in rank order.
+    The unpadding reads the received rows, so it can only come after the wait: keep it out of the posting side."""
+    out = _wait_tensor(out, "all_gather")
+    longest = max(sizes)
     if all(s == longest for s in sizes):
         full = out
     else:
         full = torch.cat([out.narrow(0, r * longest, s) for r, s in enumerate(sizes)], 0)
     return full.movedim(0, dim).contiguous()
+
+
+def _gather(x: torch.Tensor, group, dim: int, sizes: Sequence[int]) -> torch.Tensor:
+    """All-gather every rank's rows (variable counts) into the full tensor, in group-rank order."""
+    return _gather_finish(_gather_start(x, group, dim, sizes), dim, sizes)
 
 
 def _reduce_scatter(x: torch.Tensor, group, dim: int, sizes: Sequence[int]) -> torch.Tensor:
@@ -296,7 +340,8 @@ class _ExchangeEdgeRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_x, g_recv):
-        g_send = _wait_tensor(_all_to_all_start(g_recv.contiguous(), ctx.send_splits, ctx.recv_splits, ctx.group))
+        g_send = _all_to_all_start(g_recv.contiguous(), ctx.send_splits, ctx.recv_splits, ctx.group)
+        g_send = _wait_tensor(g_send, "p2p")
         return g_x, g_send, None, None, None
 
 
@@ -314,20 +359,28 @@ class _ScatterToSpatialRegion(torch.autograd.Function):
 
 
 class _GatherFromSpatialRegion(torch.autograd.Function):
-    """forward: all-gather rows into the full tensor; backward: keep my rows' gradient (``sum_grads=False``, every
-    rank computed the same loss of the full tensor) or reduce-scatter it (``sum_grads=True``, each rank's loss
-    is a different part of the total, as for attention keys/values)."""
+    """forward: post the all-gather of rows (padded to the longest shard, rows first; not waited: the wait and the
+    unpadding are plain autograd after it, :class:`PendingGather`); backward: keep my rows' gradient
+    (``sum_grads=False``, every rank computed the same loss of the full tensor) or reduce-scatter it
+    (``sum_grads=True``, each rank's loss is a different part of the total, as for attention keys/values).
+
+    The gradient arriving here is in the padded layout, its padding rows zero (autograd's backward of the
+    unpadding), which is the layout the reduce-scatter sends: each rank's chunk of ``longest`` rows."""
 
     @staticmethod
     def forward(ctx, x, group, dim, sizes, sum_grads):
         ctx.group, ctx.dim, ctx.sizes, ctx.sum_grads = group, dim, sizes, sum_grads
-        return _gather(x, group, dim, sizes)
+        return _gather_start(x, group, dim, sizes)
 
     @staticmethod
     def backward(ctx, grad):
+        rank, rows = group_rank(ctx.group), ctx.sizes[group_rank(ctx.group)]
         if ctx.sum_grads:
-            return _reduce_scatter(grad, ctx.group, ctx.dim, ctx.sizes), None, None, None, None
-        return _split(grad, ctx.group, ctx.dim, ctx.sizes), None, None, None, None
+            mine = _reduce_scatter_sum(grad, ctx.group)  # (longest, ..): the sum over ranks of my chunk
+        else:
+            mine = grad.narrow(0, rank * max(ctx.sizes), max(ctx.sizes))
+        # (rows, ..) -> (.., rows, ..): my rows, without their padding, back in x's layout
+        return mine.narrow(0, 0, rows).movedim(0, ctx.dim).contiguous(), None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -348,7 +401,7 @@ class PendingRows:
         x, dim = self.x, self._dim
         if self._recv is None:  # one rank: nothing travels
             return x.narrow(dim, 0, 0), x.narrow(dim, 0, 0)
-        recv = _wait_tensor(self._recv)
+        recv = _wait_tensor(self._recv, "p2p")
         n_above, n = self._n_above, recv.size(0)
         # (rows, ..) -> (.., rows, ..): back to x's layout; views, no copy
         return recv.narrow(0, 0, n_above).movedim(0, dim), recv.narrow(0, n_above, n - n_above).movedim(0, dim)
@@ -467,6 +520,39 @@ def scatter_rows(
     return _ScatterToSpatialRegion.apply(x, group, dim, tuple(sizes))
 
 
+class PendingGather:
+    """The full tensor of one posted gather (:func:`start_gather_rows`): :meth:`wait` returns it (every rank's rows
+    in rank order along ``dim``), waiting for the collective on the first call only."""
+
+    def __init__(self, x: torch.Tensor, raw: Optional[torch.Tensor], dim: int, sizes: Sequence[int]):
+        self._x, self._raw, self._dim, self._sizes = x, raw, dim, sizes
+
+    def wait(self) -> torch.Tensor:
+        if self._raw is not None:  # first call: wait and unpad (one rank: nothing travelled, x is the whole)
+            self._x, self._raw = _gather_finish(self._raw, self._dim, self._sizes), None
+        return self._x
+
+
+def start_gather_rows(
+    x: torch.Tensor,
+    group=None,
+    dim: int = -2,
+    sizes: Optional[Sequence[int]] = None,
+    sum_grads: bool = False,
+) -> PendingGather:
+    """forward: post the all-gather of every rank's rows and return at once; backward: as :func:`gather_rows`.
+
+    Work that does not need the gathered rows can run between this and :meth:`PendingGather.wait`: the rows travel
+    meanwhile (attention projects its queries while the keys and values travel)."""
+    dim = dim % x.dim()
+    if group_size(group) == 1:
+        return PendingGather(x, None, dim, (x.size(dim),))
+    if sizes is None:
+        sizes = all_gather_sizes(x.size(dim), group, x.device)
+    sizes = tuple(sizes)
+    return PendingGather(x, _GatherFromSpatialRegion.apply(x, group, dim, sizes, sum_grads), dim, sizes)
+
+
 def gather_rows(
     x: torch.Tensor,
     group=None,
@@ -481,9 +567,4 @@ def gather_rows(
     ``sum_grads=True`` when ranks compute different losses from it. ``sizes`` (row counts per rank) are gathered
     with one small collective when not given.
     """
-    dim = dim % x.dim()
-    if group_size(group) == 1:
-        return x
-    if sizes is None:
-        sizes = all_gather_sizes(x.size(dim), group, x.device)
-    return _GatherFromSpatialRegion.apply(x, group, dim, tuple(sizes), sum_grads)
+    return start_gather_rows(x, group, dim, sizes, sum_grads).wait()

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .comm import group_rank, group_size, halo_pad, start_neighbor_rows
+from .comm import group_rank, group_size, halo_pad, overlap_enabled, set_overlap, start_neighbor_rows
 from .fake import is_fake
 from .plan import SpatialState, Treatment, original_class, sharded_class, unknown_module
 from .sharding import ShardingError
@@ -47,22 +47,6 @@ __all__ = [
     "halo_for_conv",
     "HaloConv",
 ]
-
-_OVERLAP = True
-
-
-def set_overlap(enabled: bool) -> bool:
-    """Whether :func:`corrected_conv` runs the interior convolution while the halo rows travel (default on);
-    returns the previous setting. Off: wait for the rows first, then convolve (the same arithmetic, in the same
-    order, so outputs are bitwise equal either way)."""
-    global _OVERLAP
-    previous, _OVERLAP = _OVERLAP, bool(enabled)
-    return previous
-
-
-def overlap_enabled() -> bool:
-    return _OVERLAP
-
 
 # (mode, rows, value) applied innermost first, e.g. (("replicate", 1, 0.0), ("zeros", 1, 0.0)).
 PadSpec = Sequence[tuple]
@@ -265,13 +249,13 @@ def corrected_conv(
     # the neighbours' rows) while the rows travel; step 3: wait, then recompute the rows whose taps reach the neighbours' rows.
     pending = start_neighbor_rows(x, group, dim=-2, top=ph, bottom=inner)
     x = pending.x
-    if not _OVERLAP:
+    if not overlap_enabled():
         above, below = pending.wait()
     if conv_fn is not None:
         y = conv_fn(x)
     else:
         y = _conv(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-    if _OVERLAP:
+    if overlap_enabled():
         above, below = pending.wait()
     return recompute_boundary_rows(
         y, x, above, below, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups

@@ -30,7 +30,8 @@ import torch
 import torch.nn as nn
 from diffusers.models.autoencoders import autoencoder_kl_hunyuanvideo15 as hv15
 
-from ..core.attention import frame_causal_sdpa
+from ..core.attention import fan_out, start_kv_gather
+from ..core.comm import overlap_enabled
 from ..layers.pad_conv import HaloedInnerConv, HaloPadConv
 from ..core.plan import SpatialState, Treatment, classify, original_class, sharded_class, unknown_module
 from .base import FamilyAdapter, scaling_shift_normalization
@@ -54,14 +55,18 @@ class ShardedCausalFrameAttention:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x
         x = self.norm(x)
-        query, key, value = self.to_q(x), self.to_k(x), self.to_v(x)
-        b, c, t, h, w = query.shape
+        # Keys and values first: their gather travels while this rank projects its queries (core.comm.set_overlap).
+        x_q, x_k, x_v = fan_out(x, 3)  # the gradient's grouping of the query-first order (core/attention.py)
+        key, value = self.to_k(x_k), self.to_v(x_v)
+        b, c, t, h, w = key.shape
         # (b, c, t, h_r, w) -> (b, 1, t * h_r * w, c): tokens ordered (frame, my rows, columns), as diffusers orders
         # (frame, rows, columns), so gathering each frame's positions in rank order gives diffusers' token order.
-        query, key, value = (
-            y.reshape(b, c, t * h * w).permute(0, 2, 1).unsqueeze(1).contiguous() for y in (query, key, value)
-        )
-        x = frame_causal_sdpa(query, key, value, t, self._pv_state.group, self._pv_state.level_sizes(h * w))
+        tokens = lambda y: y.reshape(b, c, t * h * w).permute(0, 2, 1).unsqueeze(1).contiguous()  # noqa: E731
+        state = self._pv_state
+        pending = start_kv_gather(tokens(key), tokens(value), state.group, state.level_sizes(h * w), t)
+        if not overlap_enabled():
+            pending.wait()
+        x = pending.attend(tokens(self.to_q(x_q)))
         # (b, 1, t * h_r * w, c) -> (b, c, t, h_r, w)
         x = x.squeeze(1).reshape(b, t, h, w, c).permute(0, 4, 1, 2, 3)
         x = self.proj_out(x)
