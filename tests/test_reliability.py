@@ -299,3 +299,74 @@ def test_checkpoints_keep_the_newest_n(tmp_path):
     for step in range(1, 6):
         _save_checkpoint(FakeRuntime(), str(tmp_path), step, {}, keep=2)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_000004", "step_000005"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dtypes: an input in another dtype than the model computes in is refused at the agreement, as plain diffusers
+# refuses it (outside autocast); layerwise casting (storage != compute dtype) and autocast are not refused
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _dtype_worker(rank, world):
+    import torch
+
+    import parallel_vae as pv
+    from parallel_vae.jobs.models import build_seeded_vae
+
+    def attempt(fn):
+        try:
+            out = fn()
+        except Exception as e:  # noqa: BLE001 - the test inspects what was raised
+            return type(e).__name__, str(e)
+        return "ok", str(out.dtype)
+
+    f16, f32, bf16 = torch.float16, torch.float32, torch.bfloat16
+    results = {}
+    z = torch.randn(1, 4, 2 * world, 3, generator=torch.Generator().manual_seed(1))
+    x = torch.rand(1, 3, 16 * world, 24, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.no_grad():
+        for model_dtype, input_dtype in ((f16, f32), (f32, f16), (bf16, f32), (f32, bf16)):
+            vae = pv.enable_spatial_parallelism(build_seeded_vae(layout="sd", width=8, latent=4, seed=0, dtype=model_dtype))
+            key = (str(model_dtype), str(input_dtype))
+            results[("decode",) + key] = attempt(lambda: vae.decode(z.to(input_dtype)).sample)
+            results[("encode",) + key] = attempt(lambda: vae.encode(x.to(input_dtype)).latent_dist.mean)
+            results[("sharded_decode",) + key] = attempt(lambda: pv.sharded_decode(vae, pv.shard_latents(vae, z.to(input_dtype))))
+        # stored in float8, computed in float32: a float32 input is right, whatever the parameters' storage
+        vae = build_seeded_vae(layout="sd", width=8, latent=4, seed=0, dtype=f32)
+        vae.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=f32)
+        pv.enable_spatial_parallelism(vae)
+        results["layerwise"] = attempt(lambda: vae.decode(z).sample)
+        results["layerwise-bf16-input"] = attempt(lambda: vae.decode(z.to(bf16)).sample)
+        # under autocast plain diffusers runs a float32 model on bfloat16 latents: so must we, with its result
+        vae = build_seeded_vae(layout="sd", width=8, latent=4, seed=0, dtype=f32)
+        with torch.autocast("cpu", dtype=bf16):
+            reference = vae.decode(z.to(bf16)).sample
+        pv.enable_spatial_parallelism(vae)
+        with torch.autocast("cpu", dtype=bf16):
+            out = vae.decode(z.to(bf16)).sample
+        results["autocast"] = ("ok", str(out.dtype), float((out.float() - reference.float()).abs().max() / reference.float().abs().max()))
+    return results
+
+
+@pytest.mark.timeout(120)
+def test_an_input_in_another_dtype_than_the_model_is_refused_naming_both(tmp_path):
+    import time
+
+    t0 = time.perf_counter()
+    results = run_ranks(_dtype_worker, 2, timeout=100)
+    seconds = time.perf_counter() - t0
+    per_rank = [r.value for r in results]
+    assert per_rank[0] == per_rank[1], per_rank  # the same outcome, and the same message, on every rank
+    res = per_rank[0]
+    for model, given in (("float16", "float32"), ("float32", "float16"), ("bfloat16", "float32"), ("float32", "bfloat16")):
+        for op in ("decode", "encode", "sharded_decode"):
+            kind, message = res[(op, f"torch.{model}", f"torch.{given}")]
+            assert kind == "ShardingError", (op, model, given, kind, message)
+            assert f"the input is {given} but the model computes in {model}" in message, message
+    assert res["layerwise"] == ("ok", "torch.float32"), res["layerwise"]
+    kind, message = res["layerwise-bf16-input"]
+    assert kind == "ShardingError" and "the input is bfloat16 but the model computes in float32" in message, message
+    kind, dtype, err = res["autocast"]
+    assert (kind, dtype) == ("ok", "torch.bfloat16"), res["autocast"]
+    assert err <= 1e-5, err  # the float32 bar: autocast runs the norms in float32 (measured: 0.0)
+    assert seconds < 60, seconds
