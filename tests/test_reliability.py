@@ -370,3 +370,41 @@ def test_an_input_in_another_dtype_than_the_model_is_refused_naming_both(tmp_pat
     assert (kind, dtype) == ("ok", "torch.bfloat16"), res["autocast"]
     assert err <= 1e-5, err  # the float32 bar: autocast runs the norms in float32 (measured: 0.0)
     assert seconds < 60, seconds
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# output images are named after their inputs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_output_images_are_named_after_their_inputs():
+    from parallel_vae.jobs.decode_job import DecodeInput, image_names
+
+    def images(*paths):
+        return DecodeInput("images", ", ".join(paths), paths=paths)
+
+    assert image_names(images("in/cat.png", "in/dog, brown.jpg"), 2) == ["cat.png", "dog, brown.png"]
+    assert image_names(DecodeInput("latents", "runs/z.safetensors"), 3) == ["z.png", "z_1.png", "z_2.png"]
+    assert image_names(DecodeInput("demo", None), 2) == ["image.png", "image_1.png"]  # no name: as before
+    # collisions: one stem in two folders, names equal but for case, a reserved name: every image gets its position
+    assert image_names(images("a/x.png", "b/x.png", "x_1.png"), 3) == ["x_0.png", "x_1.png", "x_1_2.png"]
+    assert image_names(images("A.png", "a.jpg"), 2) == ["A_0.png", "a_1.png"]
+    assert image_names(images("contact_sheet.png", "b.png"), 2) == ["contact_sheet_0.png", "b_1.png"]
+    assert image_names(images(".tmp-x.png", ".hidden.png"), 2) == ["tmp-x.png", "hidden.png"]  # never a name the next run clears
+
+
+@pytest.mark.timeout(120)
+def test_decode_recipe_writes_images_named_after_their_inputs(tmp_path, in_process):
+    import json
+
+    from parallel_vae.jobs.video import demo_video, write_image
+
+    frames = demo_video(frames=2, height=16, width=24)
+    for t, name in enumerate(("left.png", "right.png")):
+        write_image(frames[:, t], str(tmp_path / name))
+    out = tmp_path / "out"
+    argv = ["--seeded", "sd:8:4", "--no_progress", "--output_dir", str(out), "--image", str(tmp_path / "left.png"), str(tmp_path / "right.png")]
+    code, err = in_process("decode", argv)
+    assert code == 0, err[-2000:]
+    assert json.loads((out / "metrics.json").read_text())["images"] == ["left.png", "right.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["contact_sheet.png", "left.png", "metrics.json", "right.png"]
