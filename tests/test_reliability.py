@@ -408,3 +408,62 @@ def test_decode_recipe_writes_images_named_after_their_inputs(tmp_path, in_proce
     assert code == 0, err[-2000:]
     assert json.loads((out / "metrics.json").read_text())["images"] == ["left.png", "right.png"]
     assert sorted(p.name for p in out.iterdir()) == ["contact_sheet.png", "left.png", "metrics.json", "right.png"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# progress bars: every bar has a total, and it is the number of updates the bar gets
+# ---------------------------------------------------------------------------------------------------------------
+
+# (layout, latent frames, settings): frame counts that cross each family's temporal split
+_CHUNK_CASES = [
+    ("wan2.1", 3, {}),
+    ("hunyuanvideo", 6, {}),  # framewise by default: > 4 latent / 16 pixel frames are tiled
+    ("hunyuanvideo", 6, {"use_framewise_decoding": False, "use_framewise_encoding": False}),
+    ("cogvideox", 5, {}),  # batches of 2 latent / 8 pixel frames
+    ("ltxvideo", 4, {"use_framewise_decoding": True}),
+    ("hunyuanvideo15", 2, {}),
+    ("mochi", 2, {}),
+    ("sd", 1, {"use_slicing": True}),  # images: once per sample when slicing
+]
+
+
+@pytest.mark.timeout(120)
+def test_every_progress_bar_has_the_total_of_its_updates(monkeypatch):
+    import torch
+
+    from parallel_vae import pipeline
+    from parallel_vae.families import adapter_for
+    from parallel_vae.jobs.models import build_seeded_vae
+
+    torch.set_num_threads(1)
+    bars = []
+
+    class Bar:  # records what tqdm is given and how far it gets
+        def __init__(self, total=None, **_):
+            self.given = self.total = total  # the total it starts with (the bar may grow .total past it)
+            self.n = 0
+            bars.append(self)
+
+        def update(self, k):
+            self.n += k
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(pipeline, "import_optional", lambda *a: type("M", (), {"tqdm": Bar}))
+    for layout, lt, settings in _CHUNK_CASES:
+        vae = build_seeded_vae(layout, width=32 if layout == "mochi" else 8, latent=4, seed=0)
+        for k, v in settings.items():
+            setattr(vae, k, v)
+        adapter = adapter_for(vae)
+        f, tf = adapter.spatial_factor(vae), adapter.temporal_factor(vae) or 1
+        batch = 2 if settings.get("use_slicing") else 1
+        frames = (lt, 1 + (lt - 1) * tf) if adapter.video else ((), ())
+        z = torch.randn((batch, adapter.latent_channels(vae), *((frames[0],) if adapter.video else ()), 2, 2))
+        x = torch.rand((batch, 3, *((frames[1],) if adapter.video else ()), 2 * f, 2 * f)) * 2 - 1
+        bars.clear()
+        pipeline.decode_video(vae, z, progress=True)
+        pipeline.encode_video(vae, x, progress=True)
+        assert [(b.given, b.n) for b in bars] == [(bars[0].n, bars[0].n), (bars[1].n, bars[1].n)], (layout, settings, [(b.given, b.n) for b in bars])
+        if layout in ("hunyuanvideo", "cogvideox", "ltxvideo", "wan2.1") and settings != {"use_framewise_decoding": False, "use_framewise_encoding": False}:
+            assert min(b.n for b in bars) > 1, (layout, [b.n for b in bars])  # the case does split time
