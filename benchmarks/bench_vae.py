@@ -22,6 +22,8 @@ Usage (from the repository root):
     python benchmarks/bench_vae.py --base_dim 32 --latent_hw 8 8    # a quick smoke run
     python benchmarks/bench_vae.py --latent_frames 5 --latent_hw 32 32 --ops decode --worlds 1,2
     python benchmarks/bench_vae.py --family sd                      # AutoencoderKL (SD 1.x layout), images
+    python benchmarks/bench_vae.py --ops decode --worlds 2 --modes replicated --ceiling off --base_dim 32 \
+        --latent_hw 16 16 --overhead_repeats 5                      # the reliability checks' cost, quickly
 """
 
 from __future__ import annotations
@@ -170,7 +172,8 @@ def _run_op(job: Job, vae, x: torch.Tensor) -> torch.Tensor:
 def _rank_main(rank: int, world: int, job: Job, tmpdir: str) -> None:
     result: dict[str, Any] = {"rank": rank}
     try:
-        result.update(_rank_body(rank, world, job, tmpdir))
+        body = _overhead_body if job.mode == "overheads" else _rank_body
+        result.update(body(rank, world, job, tmpdir))
     except BaseException as e:  # report every rank's failure to the parent
         result["error"] = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
     with open(os.path.join(tmpdir, f"rank{rank}.pkl"), "wb") as f:
@@ -298,6 +301,83 @@ def _rank_body(rank: int, world: int, job: Job, tmpdir: str) -> dict:
         latent_rows=rows,
     )
     return res
+
+
+# The reliability checks whose cost is measured (``--overheads``): the replicated decode with everything on (the
+# default), then with each check off, interleaved run by run so that drift of the machine hits all alike.
+_VARIANTS = {
+    "default": (True, True),  # (fingerprint, fail-fast)
+    "fingerprint off": (False, True),
+    "fail-fast off": (True, False),
+    "both off": (False, False),
+}
+
+
+def _overhead_body(rank: int, world: int, job: Job, tmpdir: str) -> dict:
+    """Replicated decode (``vae.decode``) walls of every variant of ``_VARIANTS``, ``job.repeats`` rounds.
+
+    The fingerprint is switched by the model's own opt-out (``check_inputs``, here on the enabled model's state);
+    fail-fast has none, so it is switched by replacing ``parallel_vae.api.fail_fast`` with a no-op block (what a
+    group of one gets). Also timed alone: one fingerprint of the input (``core/fingerprint.py``)."""
+    import parallel_vae as pv
+    from parallel_vae import api
+    from parallel_vae.core.fingerprint import fingerprint_words
+
+    torch.set_num_threads(job.threads)
+    device = torch.device("cuda", rank % torch.cuda.device_count()) if job.device == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = job.tf32
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo", init_method="file://" + os.path.join(tmpdir, "store"),
+        rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600),
+        **({"device_id": device} if device.type == "cuda" else {}),
+    )  # fmt: skip
+    vae = pv.enable_spatial_parallelism(_model(job, device))
+    x = _inputs(job, vae).to(device)
+    state, watched = api._state(vae), api.fail_fast
+    no_watch = lambda group, what, agreed=(): contextlib.nullcontext()  # noqa: E731
+
+    def run(fingerprint: bool, fail_fast: bool) -> float:
+        state.check_inputs = fingerprint
+        api.fail_fast = watched if fail_fast else no_watch
+        try:
+            dist.barrier()
+            with torch.no_grad(), _Clock(device) as clock:
+                vae.decode(x)
+            return clock.wall
+        finally:
+            api.fail_fast, state.check_inputs = watched, True
+
+    run(True, True)  # warm-up
+    walls: dict[str, list[float]] = {name: [] for name in _VARIANTS}
+    for i in range(max(1, job.repeats)):
+        order = list(_VARIANTS.items())
+        for name, flags in order if i % 2 == 0 else order[::-1]:  # ABBA: neither variant always goes first
+            walls[name].append(run(*flags))
+    prints = []
+    for _ in range(5):
+        with _Clock(device) as clock:
+            fingerprint_words(x)
+        prints.append(clock.wall)
+    return {"walls": walls, "fingerprint_alone_s": min(prints), "input_elements": x.numel()}
+
+
+def _overheads(ranks: list[dict]) -> dict:
+    """Per variant: the wall of each round (slowest rank; the ranks met at a barrier), the best round, and the ratio
+    default / variant (above 1: the check costs that fraction)."""
+    rounds = {name: [max(r["walls"][name][i] for r in ranks) for i in range(len(ranks[0]["walls"][name]))] for name in _VARIANTS}
+    best = {name: min(w) for name, w in rounds.items()}
+    median = {name: statistics.median(w) for name, w in rounds.items()}
+    return {
+        "walls": rounds,
+        "wall_s": best,
+        "median_wall_s": median,
+        "ratio_default_over": {name: best["default"] / best[name] for name in _VARIANTS},
+        "median_ratio_default_over": {name: median["default"] / median[name] for name in _VARIANTS},
+        "fingerprint_alone_s": max(r["fingerprint_alone_s"] for r in ranks),
+        "input_elements": ranks[0]["input_elements"],
+    }
 
 
 def _launch(job: Job, timeout: float) -> list[dict]:
@@ -856,6 +936,15 @@ def _parse(argv=None) -> argparse.Namespace:
         help="also time the machine's parallel ceiling on CPU: N processes at once, each computing one rank's\n"
         "shard with its halos fed locally and no communication (every timed N that has a core per rank)",
     )
+    p.add_argument(
+        "--overheads",
+        default="on",
+        choices=["on", "off"],
+        help="also time the replicated decode with the input fingerprint and fail-fast each switched off,\n"
+        "interleaved in one run, and report default / variant ratios",
+    )
+    p.add_argument("--overhead_world", type=int, default=None, help="ranks of that run (default: the largest N > 1)")
+    p.add_argument("--overhead_repeats", type=int, default=3, help="rounds of the four variants (default: %(default)s)")
     p.add_argument("--proj_bw_gbs", type=float, default=100.0, help="link bandwidth (GB/s) assumed by the projection")
     p.add_argument("--proj_latency_us", type=float, default=20.0, help="latency per exchange assumed (us)")
     p.add_argument("--seed", type=int, default=0)
@@ -956,6 +1045,14 @@ def main(argv=None) -> dict:
                         summary["efficiency_vs_ceiling"] = ceiling["wall_s"] / summary["wall_s"]
                         summary["ceiling_efficiency_vs_linear"] = base["wall_s"] / (n * ceiling["wall_s"])
                 summaries.append(summary)
+    overheads = None
+    if args.overheads == "on" and "decode" in ops:
+        # the largest N > 1 that has a core (CPU) or a device (GPU) per rank: an oversubscribed run times the queue
+        room = torch.cuda.device_count() if device == "cuda" else cores // args.threads
+        n = args.overhead_world or max([w for w in worlds if 1 < w <= room] or [2])
+        job = Job(impl="parallel", op="decode", mode="overheads", world=n, repeats=args.overhead_repeats, **common)
+        print(f"[{time.monotonic() - started:6.1f}s] decode: reliability checks on/off, replicated N={n} ...", flush=True)
+        overheads = dict(_overheads(_launch(job, args.timeout)), world=n, repeats=args.overhead_repeats)
     projections = {}
     run_proj = args.projection == "on" or (args.projection == "auto" and device == "cuda")
     if run_proj:
@@ -1019,6 +1116,18 @@ def main(argv=None) -> dict:
         print("eff vs T1/N = diffusers wall / (N x sharded wall); ceiling vs T1/N = the same for the no-communication\n"
               "shards: what the machine allows; eff vs ceiling = ceiling wall / sharded wall: what communication and\n"
               "waiting cost on top.")
+    if overheads:
+        print()
+        print(f"== cost of the reliability checks: replicated vae.decode, N={overheads['world']}, best of "
+              f"{overheads['repeats']} interleaved rounds ==")
+        default = overheads["wall_s"]["default"]
+        rows = [[name, _fmt(overheads["wall_s"][name], ".4f"), _fmt(overheads["ratio_default_over"][name], ".4f"),
+                 _fmt(overheads["median_wall_s"][name], ".4f"), _fmt(overheads["median_ratio_default_over"][name], ".4f")]
+                for name in _VARIANTS]
+        print(_table(["variant", "best wall s", "default / variant", "median wall s", "median ratio"], rows))
+        print(f"default = input fingerprint + fail-fast (both on); one fingerprint alone: "
+              f"{overheads['fingerprint_alone_s'] * 1e3:.3f} ms ({overheads['fingerprint_alone_s'] / default:.2e} of "
+              f"the decode) over {overheads['input_elements']} input elements")
     proj_out = {}
     if projections:
         print()
@@ -1043,6 +1152,7 @@ def main(argv=None) -> dict:
         "load_avg_end": load_end,
         "elapsed_s": elapsed,
         "results": summaries,
+        "overheads": overheads,
         "projection": {op: {str(n): v for n, v in p.items()} for op, p in proj_out.items()},
         "projection_assumptions": {"bw_gbs": args.proj_bw_gbs, "latency_us": args.proj_latency_us},
         "targets": [{"target": t, "measured": m, "verdict": v} for t, m, v in targets],

@@ -232,7 +232,7 @@ def _agree_sizes(vae, op: str, x: torch.Tensor, state: SpatialState) -> list[int
     # handed to a CUDA model, which NCCL cannot even carry) is then reported by the table on every rank.
     device = state_device(vae, x)
     on_device = int(x.device == device)
-    mine = [_OPS.index(op), dtype_code, x.dim()] + dims + [on_device]
+    mine = [_OPS.index(op), dtype_code, x.dim()] + dims + [_compute_dtype_code(vae, x), on_device]
     meta = torch.tensor(mine, dtype=torch.int64, device=device)
     # the last _FP_WORDS words of each row: the input's fingerprint (replicated mode)
     meta = torch.cat([meta, _input_fingerprint(x, sharded, state, on_device).to(device)])
@@ -266,8 +266,10 @@ def _agree_sizes(vae, op: str, x: torch.Tensor, state: SpatialState) -> list[int
         a, b = list(rows[0]), list(row)
         if sharded:
             a[height_dim] = b[height_dim] = 0
+        a[-2] = b[-2] = 0  # the model's compute dtype: its own check below
         if a != b:
             fail(f"ranks of the spatial group disagree on the input (rank 0 vs rank {r})")
+    _check_compute_dtype(rows, op, x, fail)
     op_name = "decode" if latent else "encode"
     _check_same_input(prints, op_name, fail)
     if ndim != adapter.ndim:
@@ -301,6 +303,42 @@ def _agree_sizes(vae, op: str, x: torch.Tensor, state: SpatialState) -> list[int
         hint = "" if latent else f" (nearest: {near})"
         fail(f"every rank's shard needs {need}; ranks {bad} have heights {[heights[r] for r in bad]}{hint}")
     return heights
+
+
+# The compute-dtype column of the agreement table: not checked (under autocast), or not one of _DTYPES.
+_UNCHECKED, _OTHER = -2, -1
+
+
+def _compute_dtype_code(vae, x: torch.Tensor) -> int:
+    """The dtype ``vae`` computes in, as a code of the agreement table, for :func:`_check_compute_dtype`.
+
+    ``vae.dtype`` is diffusers' own answer: the compute dtype of a model under ``enable_layerwise_casting`` (whose
+    parameters are stored in another dtype), else its first floating parameter's (``_keep_in_fp32_modules``
+    skipped). Under ``torch.autocast`` for the input's device the model legitimately takes another dtype (autocast
+    casts at each op, as plain diffusers runs it): not checked."""
+    if torch.is_autocast_enabled(x.device.type):
+        return _UNCHECKED
+    dtype = getattr(vae, "dtype", None)
+    return _DTYPES.index(dtype) if dtype in _DTYPES else _OTHER
+
+
+def _check_compute_dtype(rows: list[list[int]], op: str, x: torch.Tensor, fail) -> None:
+    """The input's dtype must be the model's compute dtype (outside autocast), as plain diffusers requires: its
+    first convolution refuses a mismatch ("Input type (float) and bias type (c10::Half) should be the same"),
+    while the sharded path would fail later and on some ranks only (oneDNN's "could not create a primitive
+    descriptor"). Decided from the table, so every rank raises the same error before any work."""
+    codes = [row[-2] for row in rows]
+    if len(set(codes)) > 1:
+        fail(f"{op}: ranks of the spatial group disagree on the model's compute dtype or on torch.autocast (codes {codes})")
+    code, given = codes[0], rows[0][1]
+    if code < 0 or given < 0 or code == given:  # under autocast, an unknown dtype (checked below), or a match
+        return
+    model, data = (str(_DTYPES[c]).replace("torch.", "") for c in (code, given))
+    what = "latents" if op.endswith("decode") else "pixels"
+    fail(
+        f"{op}: the input is {data} but the model computes in {model} (diffusers refuses the mismatch too); cast "
+        f"the {what} with x.to(vae.dtype), or the model with vae.to(torch.{data}), or run under torch.autocast"
+    )
 
 
 def _input_fingerprint(x: torch.Tensor, sharded: bool, state: SpatialState, on_device: bool) -> torch.Tensor:

@@ -32,7 +32,7 @@ __all__ = ["decode_video", "encode_video"]
 @contextlib.contextmanager
 def _chunk_progress(module: torch.nn.Module, total: int, desc: str, enabled: bool):
     """Advance a tqdm bar each time ``module`` runs (e.g. the Wan decoder runs once per latent frame, the encoder once
-    per 1 + 4k frame chunk)."""
+    per 1 + 4k frame chunk); ``total``: the adapter's ``progress_total``, so every bar has one."""
     if not enabled:
         yield
         return
@@ -43,6 +43,8 @@ def _chunk_progress(module: torch.nn.Module, total: int, desc: str, enabled: boo
     def advance(*_):
         # A forward hook's return value replaces the module's output, and tqdm.update returns True whenever it
         # redraws: return None explicitly, or the encoder/decoder output becomes a bool.
+        if bar.n >= bar.total:  # diffusers tiling (without spatial parallelism) runs it once more per tile
+            bar.total = bar.n + 1
         bar.update(1)
         return None
 

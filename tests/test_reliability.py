@@ -299,3 +299,171 @@ def test_checkpoints_keep_the_newest_n(tmp_path):
     for step in range(1, 6):
         _save_checkpoint(FakeRuntime(), str(tmp_path), step, {}, keep=2)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_000004", "step_000005"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dtypes: an input in another dtype than the model computes in is refused at the agreement, as plain diffusers
+# refuses it (outside autocast); layerwise casting (storage != compute dtype) and autocast are not refused
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _dtype_worker(rank, world):
+    import torch
+
+    import parallel_vae as pv
+    from parallel_vae.jobs.models import build_seeded_vae
+
+    def attempt(fn):
+        try:
+            out = fn()
+        except Exception as e:  # noqa: BLE001 - the test inspects what was raised
+            return type(e).__name__, str(e)
+        return "ok", str(out.dtype)
+
+    f16, f32, bf16 = torch.float16, torch.float32, torch.bfloat16
+    results = {}
+    z = torch.randn(1, 4, 2 * world, 3, generator=torch.Generator().manual_seed(1))
+    x = torch.rand(1, 3, 16 * world, 24, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.no_grad():
+        for model_dtype, input_dtype in ((f16, f32), (f32, f16), (bf16, f32), (f32, bf16)):
+            vae = pv.enable_spatial_parallelism(build_seeded_vae(layout="sd", width=8, latent=4, seed=0, dtype=model_dtype))
+            key = (str(model_dtype), str(input_dtype))
+            results[("decode",) + key] = attempt(lambda: vae.decode(z.to(input_dtype)).sample)
+            results[("encode",) + key] = attempt(lambda: vae.encode(x.to(input_dtype)).latent_dist.mean)
+            results[("sharded_decode",) + key] = attempt(lambda: pv.sharded_decode(vae, pv.shard_latents(vae, z.to(input_dtype))))
+        # stored in float8, computed in float32: a float32 input is right, whatever the parameters' storage
+        vae = build_seeded_vae(layout="sd", width=8, latent=4, seed=0, dtype=f32)
+        vae.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=f32)
+        pv.enable_spatial_parallelism(vae)
+        results["layerwise"] = attempt(lambda: vae.decode(z).sample)
+        results["layerwise-bf16-input"] = attempt(lambda: vae.decode(z.to(bf16)).sample)
+        # under autocast plain diffusers runs a float32 model on bfloat16 latents: so must we, with its result
+        vae = build_seeded_vae(layout="sd", width=8, latent=4, seed=0, dtype=f32)
+        with torch.autocast("cpu", dtype=bf16):
+            reference = vae.decode(z.to(bf16)).sample
+        pv.enable_spatial_parallelism(vae)
+        with torch.autocast("cpu", dtype=bf16):
+            out = vae.decode(z.to(bf16)).sample
+        results["autocast"] = ("ok", str(out.dtype), float((out.float() - reference.float()).abs().max() / reference.float().abs().max()))
+    return results
+
+
+@pytest.mark.timeout(120)
+def test_an_input_in_another_dtype_than_the_model_is_refused_naming_both(tmp_path):
+    import time
+
+    t0 = time.perf_counter()
+    results = run_ranks(_dtype_worker, 2, timeout=100)
+    seconds = time.perf_counter() - t0
+    per_rank = [r.value for r in results]
+    assert per_rank[0] == per_rank[1], per_rank  # the same outcome, and the same message, on every rank
+    res = per_rank[0]
+    for model, given in (("float16", "float32"), ("float32", "float16"), ("bfloat16", "float32"), ("float32", "bfloat16")):
+        for op in ("decode", "encode", "sharded_decode"):
+            kind, message = res[(op, f"torch.{model}", f"torch.{given}")]
+            assert kind == "ShardingError", (op, model, given, kind, message)
+            assert f"the input is {given} but the model computes in {model}" in message, message
+    assert res["layerwise"] == ("ok", "torch.float32"), res["layerwise"]
+    kind, message = res["layerwise-bf16-input"]
+    assert kind == "ShardingError" and "the input is bfloat16 but the model computes in float32" in message, message
+    kind, dtype, err = res["autocast"]
+    assert (kind, dtype) == ("ok", "torch.bfloat16"), res["autocast"]
+    assert err <= 1e-5, err  # the float32 bar: autocast runs the norms in float32 (measured: 0.0)
+    assert seconds < 60, seconds
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# output images are named after their inputs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_output_images_are_named_after_their_inputs():
+    from parallel_vae.jobs.decode_job import DecodeInput, image_names
+
+    def images(*paths):
+        return DecodeInput("images", ", ".join(paths), paths=paths)
+
+    assert image_names(images("in/cat.png", "in/dog, brown.jpg"), 2) == ["cat.png", "dog, brown.png"]
+    assert image_names(DecodeInput("latents", "runs/z.safetensors"), 3) == ["z.png", "z_1.png", "z_2.png"]
+    assert image_names(DecodeInput("demo", None), 2) == ["image.png", "image_1.png"]  # no name: as before
+    # collisions: one stem in two folders, names equal but for case, a reserved name: every image gets its position
+    assert image_names(images("a/x.png", "b/x.png", "x_1.png"), 3) == ["x_0.png", "x_1.png", "x_1_2.png"]
+    assert image_names(images("A.png", "a.jpg"), 2) == ["A_0.png", "a_1.png"]
+    assert image_names(images("contact_sheet.png", "b.png"), 2) == ["contact_sheet_0.png", "b_1.png"]
+    assert image_names(images(".tmp-x.png", ".hidden.png"), 2) == ["tmp-x.png", "hidden.png"]  # never a name the next run clears
+
+
+@pytest.mark.timeout(120)
+def test_decode_recipe_writes_images_named_after_their_inputs(tmp_path, in_process):
+    import json
+
+    from parallel_vae.jobs.video import demo_video, write_image
+
+    frames = demo_video(frames=2, height=16, width=24)
+    for t, name in enumerate(("left.png", "right.png")):
+        write_image(frames[:, t], str(tmp_path / name))
+    out = tmp_path / "out"
+    argv = ["--seeded", "sd:8:4", "--no_progress", "--output_dir", str(out), "--image", str(tmp_path / "left.png"), str(tmp_path / "right.png")]
+    code, err = in_process("decode", argv)
+    assert code == 0, err[-2000:]
+    assert json.loads((out / "metrics.json").read_text())["images"] == ["left.png", "right.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["contact_sheet.png", "left.png", "metrics.json", "right.png"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# progress bars: every bar has a total, and it is the number of updates the bar gets
+# ---------------------------------------------------------------------------------------------------------------
+
+# (layout, latent frames, settings): frame counts that cross each family's temporal split
+_CHUNK_CASES = [
+    ("wan2.1", 3, {}),
+    ("hunyuanvideo", 6, {}),  # framewise by default: > 4 latent / 16 pixel frames are tiled
+    ("hunyuanvideo", 6, {"use_framewise_decoding": False, "use_framewise_encoding": False}),
+    ("cogvideox", 5, {}),  # batches of 2 latent / 8 pixel frames
+    ("ltxvideo", 4, {"use_framewise_decoding": True}),
+    ("hunyuanvideo15", 2, {}),
+    ("mochi", 2, {}),
+    ("sd", 1, {"use_slicing": True}),  # images: once per sample when slicing
+]
+
+
+@pytest.mark.timeout(120)
+def test_every_progress_bar_has_the_total_of_its_updates(monkeypatch):
+    import torch
+
+    from parallel_vae import pipeline
+    from parallel_vae.families import adapter_for
+    from parallel_vae.jobs.models import build_seeded_vae
+
+    torch.set_num_threads(1)
+    bars = []
+
+    class Bar:  # records what tqdm is given and how far it gets
+        def __init__(self, total=None, **_):
+            self.given = self.total = total  # the total it starts with (the bar may grow .total past it)
+            self.n = 0
+            bars.append(self)
+
+        def update(self, k):
+            self.n += k
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(pipeline, "import_optional", lambda *a: type("M", (), {"tqdm": Bar}))
+    for layout, lt, settings in _CHUNK_CASES:
+        vae = build_seeded_vae(layout, width=32 if layout == "mochi" else 8, latent=4, seed=0)
+        for k, v in settings.items():
+            setattr(vae, k, v)
+        adapter = adapter_for(vae)
+        f, tf = adapter.spatial_factor(vae), adapter.temporal_factor(vae) or 1
+        batch = 2 if settings.get("use_slicing") else 1
+        frames = (lt, 1 + (lt - 1) * tf) if adapter.video else ((), ())
+        z = torch.randn((batch, adapter.latent_channels(vae), *((frames[0],) if adapter.video else ()), 2, 2))
+        x = torch.rand((batch, 3, *((frames[1],) if adapter.video else ()), 2 * f, 2 * f)) * 2 - 1
+        bars.clear()
+        pipeline.decode_video(vae, z, progress=True)
+        pipeline.encode_video(vae, x, progress=True)
+        assert [(b.given, b.n) for b in bars] == [(bars[0].n, bars[0].n), (bars[1].n, bars[1].n)], (layout, settings, [(b.given, b.n) for b in bars])
+        if layout in ("hunyuanvideo", "cogvideox", "ltxvideo", "wan2.1") and settings != {"use_framewise_decoding": False, "use_framewise_encoding": False}:
+            assert min(b.n for b in bars) > 1, (layout, [b.n for b in bars])  # the case does split time

@@ -90,9 +90,16 @@ class FamilyAdapter:
         tf = self.temporal_factor(vae) or 1
         return 1 + (frames - 1) // tf
 
-    def progress_total(self, vae: nn.Module, x: torch.Tensor, decode: bool) -> Optional[int]:
-        """How many times the decoder (``decode``) or encoder runs for ``x``, for a progress bar (None: unknown)."""
-        return 1 if not self.video else None
+    def progress_total(self, vae: nn.Module, x: torch.Tensor, decode: bool) -> int:
+        """How many times the decoder (``decode``) or encoder runs for ``x``: the progress bar's total. Once per
+        sample with diffusers' ``enable_slicing`` (a batch of more than one), times :meth:`chunks` per sample."""
+        slices = x.shape[0] if getattr(vae, "use_slicing", False) and x.shape[0] > 1 else 1
+        return slices * self.chunks(vae, x.shape[2] if self.video else 1, decode)
+
+    def chunks(self, vae: nn.Module, frames: int, decode: bool) -> int:
+        """How many times the class's own ``_decode`` (``decode``; ``frames``: latent frames) or ``_encode``
+        (pixel frames) runs the decoder / encoder on one sample: once, unless the family splits time."""
+        return 1
 
     def check_frames(self, vae: nn.Module, frames: int, latent: bool) -> Optional[str]:
         """A message if ``frames`` cannot be encoded/decoded by this family (None if fine). Video families only."""
@@ -175,6 +182,12 @@ class FamilyAdapter:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} for {self.model_class.__name__}>"
+
+
+def temporal_tiles(frames: int, min_frames: int, stride: int) -> int:
+    """Tiles of diffusers' ``_temporal_tiled_encode`` / ``_temporal_tiled_decode`` (HunyuanVideo, LTX): one per
+    ``range(0, frames, stride)`` once ``frames`` exceeds ``min_frames``, else one plain call."""
+    return -(-frames // stride) if frames > min_frames else 1
 
 
 def scaling_shift_normalization(vae: nn.Module) -> tuple[float, float]:

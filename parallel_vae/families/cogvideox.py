@@ -136,6 +136,11 @@ class CogVideoXAdapter(FamilyAdapter):
         self.spatial_factor(vae)  # a layout whose resamplers disagree is refused before anything changes
         return classify(vae, _CONTAINERS, _LOCAL, _treat)
 
+    def chunks(self, vae, frames: int, decode: bool) -> int:
+        # diffusers' _encode / _decode run the encoder / decoder on batches of 8 pixel / 2 latent frames
+        batch = vae.num_latent_frames_batch_size if decode else vae.num_sample_frames_batch_size
+        return max(frames // batch, 1)
+
     def spatial_factor(self, vae) -> int:
         """2 ** (number of encoder downsamplers), 8 in the released models (one per block but the last), checked
         against the decoder's upsamplers. The config has no spatial ratio; diffusers' tiling uses the same

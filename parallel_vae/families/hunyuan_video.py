@@ -31,7 +31,7 @@ from ..core.attention import ShardedAttention, check_pixel_attention
 from ..layers.pad_conv import HaloedInnerConv, HaloPadConv
 from ..core.norm import ShardedGroupNorm
 from ..core.plan import SpatialState, Treatment, classify, original_class, sharded_class, unknown_module
-from .base import FamilyAdapter, scaling_shift_normalization
+from .base import FamilyAdapter, scaling_shift_normalization, temporal_tiles
 
 __all__ = ["HunyuanVideoAdapter", "ShardedHunyuanMidBlock", "hunyuan_video_treatment", "ADAPTER"]
 
@@ -163,6 +163,16 @@ class HunyuanVideoAdapter(FamilyAdapter):
     def plan(self, vae):
         self.spatial_factor(vae)  # refuses a layout whose strides disagree with its config
         return classify(vae, _CONTAINERS, _LOCAL, hunyuan_video_treatment)
+
+    def chunks(self, vae, frames: int, decode: bool) -> int:
+        # diffusers' framewise (temporal tiled) path, on by default: more than 16 pixel frames (4 latent) in tiles
+        # every 12 pixel frames (3 latent)
+        tcr = int(vae.temporal_compression_ratio)
+        if decode:
+            on, least, stride = vae.use_framewise_decoding, vae.tile_sample_min_num_frames // tcr, vae.tile_sample_stride_num_frames // tcr
+        else:
+            on, least, stride = vae.use_framewise_encoding, vae.tile_sample_min_num_frames, vae.tile_sample_stride_num_frames
+        return temporal_tiles(frames, least, stride) if on else 1
 
     def spatial_factor(self, vae) -> int:
         """``spatial_compression_ratio`` (8), checked against the stride-2 downsamples actually built: diffusers

@@ -46,7 +46,7 @@ from diffusers.models.normalization import RMSNorm
 from ..core.halo import HaloConv
 from ..layers.ltx_noise import frame_noise
 from ..core.plan import SpatialState, Treatment, classify, original_class, sharded_class, unknown_module
-from .base import FamilyAdapter
+from .base import FamilyAdapter, temporal_tiles
 
 __all__ = ["LTXVideoAdapter", "ShardedNoiseResnet", "LTXVIDEO", "LTX2"]
 
@@ -194,6 +194,15 @@ class LTXVideoAdapter(FamilyAdapter):
     def plan(self, vae):
         self.spatial_factor(vae)  # a layout whose resamplers disagree with its config is refused here
         return classify(vae, _CONTAINERS, _LOCAL, _treat)
+
+    def chunks(self, vae, frames: int, decode: bool) -> int:
+        # diffusers' framewise (temporal tiled) path, off by default; its _encode tests use_framewise_decoding too
+        tcr = int(vae.temporal_compression_ratio)
+        if not vae.use_framewise_decoding:
+            return 1
+        if decode:
+            return temporal_tiles(frames, vae.tile_sample_min_num_frames // tcr, vae.tile_sample_stride_num_frames // tcr)
+        return temporal_tiles(frames, vae.tile_sample_min_num_frames, vae.tile_sample_stride_num_frames)
 
     # --- geometry: from the layers ----------------------------------------------------------------------------
     @staticmethod

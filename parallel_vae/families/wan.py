@@ -154,9 +154,9 @@ class CausalCacheAdapter(FamilyAdapter):
     def latent_channels(self, vae) -> int:
         return int(vae.config.z_dim)
 
-    def progress_total(self, vae, x, decode: bool) -> int:
+    def chunks(self, vae, frames: int, decode: bool) -> int:
         # the decoder runs once per latent frame, the encoder once per chunk of 1, 4, 4, ... frames
-        return x.shape[2] if decode else 1 + (x.shape[2] - 1) // self.temporal_factor(vae)
+        return frames if decode else 1 + (frames - 1) // self.temporal_factor(vae)
 
     def checkpointed_blocks(self, vae):
         blocks = [(f"encoder.down_blocks.{i}", b) for i, b in enumerate(vae.encoder.down_blocks)]

@@ -30,6 +30,7 @@ import socket
 import time
 import uuid
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -123,6 +124,7 @@ class DecodeInput:
     latents: Optional[torch.Tensor] = None  # (B, C, T, h, w) or (B, C, h, w), un-normalized
     video: Optional[torch.Tensor] = None  # (B, C, T, H, W) or (B, C, H, W) in [-1, 1]
     notes: tuple = ()
+    paths: tuple = ()  # each image's file (--image), for the output names
 
     @property
     def shape(self) -> tuple:
@@ -190,7 +192,7 @@ def read_input(args: argparse.Namespace, vae) -> DecodeInput:
             batch = torch.stack([clip[:, t] for t in DEMO_IMAGE_FRAMES])
             kind, path = "demo", None
         check_video_shape(batch, vae, path or "demo")
-        return DecodeInput(kind, path, video=batch.contiguous())
+        return DecodeInput(kind, path, video=batch.contiguous(), paths=tuple(args.image or ()))
     if args.image:
         raise InputError(f"--image: {type(vae).__name__} is a video VAE; pass --video PATH")
     if args.video:
@@ -216,6 +218,34 @@ def read_input(args: argparse.Namespace, vae) -> DecodeInput:
         video = video[:, :, :used]
         notes = (f"{t} frames read; encoding the first {used} (1 + {tf}k frames)",)
     return DecodeInput(kind, path, video=video.contiguous(), notes=notes)
+
+
+# Output names the images may not take (the run's other outputs in the same folder).
+_RESERVED = ("contact_sheet.png",)
+
+
+def image_names(inp: DecodeInput, count: int) -> list[str]:
+    """The file names of the ``count`` decoded images, named after their inputs.
+
+    - ``--image A.png B.jpg``: ``A.png``, ``B.png`` (each input's stem; always PNG).
+    - ``--latents z.safetensors`` (a batch from one file) and inputs without a name (the demo, stem ``image``):
+      ``z.png``, ``z_1.png``, ``z_2.png``, ... as the videos are (``video.mp4``, ``video_1.mp4``).
+    - Collisions (two inputs with one stem from different folders, names equal but for case, which some file
+      systems do not tell apart, or a reserved name such as ``contact_sheet.png``): every image is then named
+      ``<stem>_<i>.png`` with ``i`` its position in the batch, which cannot collide (two such names are equal only
+      with the same ``i``).
+    Leading dots are dropped from a stem (``.tmp-*`` is the prefix the next run clears; hidden files surprise)."""
+    if inp.kind == "images":
+        stems = [Path(p).stem for p in inp.paths]
+    else:
+        stem = Path(inp.path).stem if inp.kind == "latents" and inp.path else "image"
+        stems = [stem] + [f"{stem}_{i}" for i in range(1, count)]
+    stems = [s.lstrip(".") or "image" for s in stems]
+    names = [f"{s}.png" for s in stems]
+    folded = [n.lower() for n in names]
+    if len(set(folded)) < len(folded) or any(n in _RESERVED for n in folded):
+        names = [f"{s}_{i}.png" for i, s in enumerate(stems)]
+    return names
 
 
 def _save_tensors(tensors: dict, path: str) -> None:
@@ -456,8 +486,7 @@ def _write_staged(rt, args, vae, source, inp, plan, decoded, stats, out_dir, run
             write_video(decoded[i], os.path.join(out_dir, name), fps=args.fps)
             videos.append(name)
     else:
-        for i in range(decoded.shape[0]):
-            name = "image.png" if i == 0 else f"image_{i}.png"
+        for i, name in enumerate(image_names(inp, decoded.shape[0])):
             write_image(decoded[i], os.path.join(out_dir, name))
             images.append(name)
         if decoded.shape[0] > 1:

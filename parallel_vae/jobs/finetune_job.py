@@ -476,6 +476,7 @@ def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
     layout, module, optimizer, scheduler, params, loss_nets = _build_training(rt, args, vae, adapter, dtype)
 
     start_step = 0
+    history, val_history = [], []
     if resume:
         with rt.agreed():
             try:
@@ -483,14 +484,17 @@ def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
             except Exception as e:  # a file that passed check_checkpoint but still does not load
                 raise InputError(f"cannot load checkpoint {resume}: {type(e).__name__}: {e}") from e
             with open(os.path.join(resume, TRAINER_STATE)) as f:
-                start_step = int(json.load(f)["step"])
+                state = json.load(f)
+            start_step = int(state["step"])
+            # The summary's records of the steps before the checkpoint, saved with it (a checkpoint of an older
+            # version has none: its summary then starts at the resume).
+            history, val_history = list(state.get("history", [])), list(state.get("validation", []))
 
     start_tracking(rt, report_to=args.report_to, project=args.tracker_project, run_name=args.run_name, config=config | layout.describe(), dir=args.output_dir)
 
     frames = (adapter.latent_frames(vae, args.frames),) if adapter.video else ()
     latent_shape = (adapter.latent_channels(vae),) + frames + (args.height // factor, args.width // factor)
     numel = args.batch_size * adapter.pixel_channels(vae) * args.frames * args.height * args.width
-    history, val_history = [], []
     progress = None
     if rt.is_main and not args.no_progress:
         from tqdm.auto import tqdm
@@ -513,17 +517,19 @@ def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
         if (args.validate_every and (step + 1) % args.validate_every == 0) or last:
             val_history.append(_validate(rt, layout, vae, val_data, step + 1, args, dtype, step_times))
         if args.checkpoint_every and ((step + 1) % args.checkpoint_every == 0 or last):
-            _save_checkpoint(rt, args.output_dir, step + 1, config, keep=args.checkpoints_total_limit)
+            records = {"history": history, "validation": val_history}
+            _save_checkpoint(rt, args.output_dir, step + 1, config, keep=args.checkpoints_total_limit, records=records)
     if progress is not None:
         progress.close()
-    if not history and not val_history:  # --max_steps 0, or resumed at the end: validate what is exported
+    if not val_history or val_history[-1]["step"] != max(start_step, args.max_steps):
+        # --max_steps 0, or resumed at the end of a run whose last validation is older: validate what is exported
         val_history.append(_validate(rt, layout, vae, val_data, start_step, args, dtype, step_times))
 
     export_dir = args.export_dir or os.path.join(args.output_dir, "final")
     _export(rt, module, vae, export_dir, parse_dtype(args.export_dtype) if args.export_dtype else dtype)
     summary = {
         "layout": layout.describe(),
-        "start_step": start_step,
+        "start_step": start_step,  # the resumed checkpoint's step; "history" also holds the steps before it
         "history": history,
         "validation": val_history,
         "export_dir": export_dir,
@@ -535,7 +541,7 @@ def run_finetune(rt: Runtime, args: argparse.Namespace) -> dict:
         last = val_history[-1]
         print(
             f"finetune: final model in {os.path.abspath(export_dir)} (diffusers from_pretrained loads it); "
-            f"{len(history)} steps on {layout.world} process{'es' if layout.world > 1 else ''} (D={layout.dp_degree} "
+            f"{max(args.max_steps - start_step, 0)} steps on {layout.world} process{'es' if layout.world > 1 else ''} (D={layout.dp_degree} "
             f"x S={layout.sp_degree}); validation PSNR {last['psnr']:.2f} dB, SSIM {last['ssim']:.4f} at step "
             f"{last['step']}; summary in {os.path.join(os.path.abspath(args.output_dir), 'finetune_summary.json')}",
             flush=True,
@@ -611,9 +617,12 @@ def _validate(rt: Runtime, layout, vae, val_data, step: int, args, dtype, step_t
     return result
 
 
-def _save_checkpoint(rt: Runtime, output_dir: str, step: int, config: dict, keep: int = 0) -> None:
+def _save_checkpoint(
+    rt: Runtime, output_dir: str, step: int, config: dict, keep: int = 0, records: Optional[dict] = None
+) -> None:
     """accelerate save_state (every rank: collective under DeepSpeed) into a temporary folder; the main rank adds
-    trainer_state.json (the step and the run configuration) and renames the folder into place once every rank has
+    trainer_state.json (the step, the run configuration and ``records``: the summary's training and validation
+    records up to this step, which a resume carries on) and renames the folder into place once every rank has
     finished, then deletes all but the newest ``keep`` checkpoints (0: keep all). A kill at any point leaves the
     previous checkpoints as they were, and only a stale temporary."""
     folder = os.path.join(output_dir, "checkpoints")
@@ -625,7 +634,7 @@ def _save_checkpoint(rt: Runtime, output_dir: str, step: int, config: dict, keep
     rt.accelerator.save_state(tmp)
     rt.barrier()
     if rt.is_main:
-        _write_json(os.path.join(tmp, TRAINER_STATE), {"step": step, "config": config})
+        _write_json(os.path.join(tmp, TRAINER_STATE), {"step": step, "config": config, **(records or {})})
         publish_modes(tmp)
         if os.path.isdir(path):  # the same step saved again (a resumed run): replace it whole
             shutil.rmtree(path)
