@@ -38,7 +38,6 @@ import importlib.util
 import json
 import math
 import os
-import statistics
 import sys
 import time
 import traceback

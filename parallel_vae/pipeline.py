@@ -7,7 +7,6 @@ spatial parallelism enabled, with an optional progress bar over the model's temp
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
 
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution

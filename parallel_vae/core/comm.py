@@ -26,7 +26,6 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from .fake import is_fake, proportional_sizes
 from .failure import wait_tensor

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from diffusers.models.autoencoders import autoencoder_kl_wan as wan
 
 from ..core.attention import sharded_sdpa

@@ -29,7 +29,7 @@ from ..errors import InputError
 from .loading import load_vae, parse_seeded
 from .metrics import peak_memory_bytes, psnr, ssim
 from .reductions import sum_over_ranks
-from .models import SEEDED_LAYOUTS, build_seeded_vae, build_wan_vae, inflate_temporal, temporal_resampling_convs
+from .models import build_seeded_vae, build_wan_vae, inflate_temporal, temporal_resampling_convs
 from ..pipeline import decode_video, encode_video
 from .cli import add_finetune_args
 from .runtime import Runtime, UsageError, start_tracking

@@ -42,7 +42,7 @@ from diffusers.utils import logging as diffusers_logging
 from ..errors import InputError
 from .cli import UsageError
 from ..families import FAMILIES, adapter_for, latent_channels, spatial_factor
-from .models import build_seeded_vae, build_wan_vae, seeded_config, wan_config
+from .models import build_wan_vae, seeded_config, wan_config
 
 __all__ = [
     "DEFAULT_VAE_DIR",
