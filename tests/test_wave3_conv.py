@@ -3,7 +3,7 @@ Qwen-Image 2.1 (``AutoencoderKLQwenImage21``).
 
 Float64 parity (bar 1e-10) of latents, reconstruction, input gradients and parameter gradients summed over the
 group, with every parameter perturbed (norm scales != 1, biases != 0): worlds 2 and 3 with an uneven split (7
-latent rows on 3 ranks: 3/2/2), batch 2, both modes, a subgroup (ranks [2, 3] of 4), activation checkpointing,
+latent rows on 3 ranks: 3/2/2), batch 2, both modes, a subgroup (ranks [1, 2] of 3), activation checkpointing,
 float32; each rank's decoder computes only its own rows. Bad input gives one clear error, the same on every rank;
 a module outside the table is refused by name.
 
@@ -27,11 +27,10 @@ Q21 = "qwenimage21"
 CASES = [
     # Qwen-Image 2.1: images are 1-frame videos (B, 4, 1, H, W); 16x spatial, so 3 latent rows are 48 pixel rows
     FCase(Q21, "float64", "replicated", latent_h=3, world=2, frames=1, batch=2),
-    FCase(Q21, "float64", "sharded", latent_h=7, world=3, frames=1),
-    FCase(Q21, "float64", "replicated", latent_h=5, world=3, frames=1),
-    FCase(Q21, "float32", "sharded", latent_h=3, world=3, frames=1),
     FCase(Q21, "float64", "sharded", latent_h=4, world=2, frames=1, checkpointing=True),
-    FCase(Q21, "float64", "replicated", latent_h=3, world=4, frames=1, groups=((2, 3),)),
+    FCase(Q21, "float64", "sharded", latent_h=7, world=3, frames=1),  # 3/2/2
+    FCase(Q21, "float32", "sharded", latent_h=3, world=3, frames=1),
+    FCase(Q21, "float64", "replicated", latent_h=3, world=3, frames=1, groups=((1, 2),)),  # 2/1 on ranks [1, 2]
 ]
 
 
