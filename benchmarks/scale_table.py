@@ -81,6 +81,7 @@ ENTRIES = {
     "hunyuanvideo15": [
         Entry("hunyuanvideo15", "hunyuanvideo15", "HunyuanVideo-1.5 1280x720x121", 121, 720, 1280, baseline=False)
     ],
+    "qwenimage21": [Entry("qwenimage21", "qwenimage21", "Qwen-Image 2.1 1024x1024", 1, 1024, 1024)],
 }
 HEADLINE = ENTRIES["wan"][0]
 

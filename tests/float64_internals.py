@@ -29,12 +29,13 @@ import types
 import torch
 import torch.nn as nn
 from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageUpsample
+from diffusers.models.autoencoders.autoencoder_kl_qwenimage21 import QwenImage21Upsample
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanUpsample
 
 __all__ = ["FLOAT32_UPSAMPLES", "float64_internals"]
 
 # diffusers classes whose forward is ``nn.Upsample.forward(self, x.float()).type_as(x)``
-FLOAT32_UPSAMPLES = (WanUpsample, QwenImageUpsample)
+FLOAT32_UPSAMPLES = (WanUpsample, QwenImageUpsample, QwenImage21Upsample)
 
 
 def float64_internals(model: nn.Module) -> nn.Module:

@@ -19,6 +19,7 @@ from .hunyuan_video15 import ADAPTER as HUNYUANVIDEO15
 from .ltx import LTX2, LTXVIDEO
 from .mochi import ADAPTER as MOCHI
 from .qwenimage import ADAPTER as QWENIMAGE
+from .qwenimage21 import ADAPTER as QWENIMAGE21
 from .wan import ADAPTER as WAN
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
 
 _ADAPTERS: tuple[FamilyAdapter, ...] = (
     WAN, QWENIMAGE, AUTOENCODER_KL, FLUX2, HUNYUANVIDEO, HUNYUANVIDEO15, COGVIDEOX, DCAE, LTXVIDEO, LTX2, MOCHI,
+    QWENIMAGE21,
 )  # fmt: skip
 
 #: name -> adapter (recipes' ``--seeded NAME:...``, benchmarks' ``--family NAME``)

@@ -45,6 +45,7 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 SEEDED_LAYOUT_NAMES = (
     "wan2.1", "wan2.2", "sd", "sdxl", "sd3", "flux1", "flux2", "qwenimage", "hunyuanvideo", "hunyuanvideo15",
     "cogvideox", "dcae", "ltxvideo", "ltx2", "mochi",
+    "qwenimage21",
 )  # fmt: skip
 
 

@@ -308,6 +308,15 @@ SEEDED_LAYOUTS = {
              act_fn="silu", temporal_expansions=[1, 2, 3], spatial_expansions=[2, 2, 2],
              add_attention_block=[False, True, True, True, True], scaling_factor=1.0),
     ),
+    # Qwen-Image 2.1 (Qwen/Qwen-Image-2.1): diffusers' AutoencoderKLQwenImage21 defaults, which are that release's
+    # vae config (the 64 latents_mean / latents_std are the class defaults, not repeated here). Images only: 4 pixel
+    # channels, one frame, 16x spatial; decoder 1.5x the encoder's width.
+    "qwenimage21": (
+        "AutoencoderKLQwenImage21",
+        dict(base_dim=96, decoder_base_dim=144, z_dim=64, dim_mult=[1, 2, 4, 8, 8], num_res_blocks=2, attn_scales=[],
+             temperal_downsample=[False, True, True, True], dropout=0.0, is_residual=True, in_channels=4,
+             out_channels=4, patch_size=None, scale_factor_temporal=8, scale_factor_spatial=16),
+    ),
 }  # fmt: skip
 # Mochi's per-frame GroupNorms have 32 groups and its attention heads are 32 channels wide, both fixed in diffusers.
 MOCHI_WIDTH_UNIT = 32
@@ -334,6 +343,8 @@ def seeded_config(
     cfg = {k: (list(v) if isinstance(v, list) else v) for k, v in base.items()}
     if width is not None:
         if "base_dim" in cfg:
+            if cfg.get("decoder_base_dim"):  # Qwen-Image 2.1: the decoder keeps its real ratio to the encoder
+                cfg["decoder_base_dim"] = max(1, width * cfg["decoder_base_dim"] // cfg["base_dim"])
             cfg["base_dim"] = width
         elif cls_name == "AutoencoderDC":
             for key in ("encoder_block_out_channels", "decoder_block_out_channels"):
@@ -356,7 +367,7 @@ def seeded_config(
                 cfg["norm_num_groups"] = max(groups, 1)
     if latent is not None:
         key = "z_dim" if "z_dim" in cfg else "latent_channels"
-        if latent != cfg[key] and cls_name in ("AutoencoderKLQwenImage", "AutoencoderKLMochi"):
+        if latent != cfg[key] and cls_name in ("AutoencoderKLQwenImage", "AutoencoderKLMochi", "AutoencoderKLQwenImage21"):
             cfg["latents_mean"], cfg["latents_std"] = [0.0] * latent, [1.0] * latent
         cfg[key] = latent
     cfg.update(overrides or {})

@@ -7,5 +7,6 @@ a family's noise or attention), built on the family-agnostic pieces of :mod:`par
 * ``cogvideox_conv``: ``CogVideoXSafeConv3d``'s own forward, and a conv whose caller zero-pads (CogVideoX);
 * ``replicate_causal_conv``: ``CogVideoXCausalConv3d`` in replicate mode (Mochi);
 * ``ltx_noise``: LTX-Video's per-pixel decoder noise;
-* ``linear_attention``: DC-AE's ReLU linear attention.
+* ``linear_attention``: DC-AE's ReLU linear attention;
+* ``frame_conv2d``: a 2-D conv standing in for a causal 3-D one on single frames (Qwen-Image 2.1).
 """
