@@ -316,7 +316,11 @@ def _compute_dtype_code(vae, x: torch.Tensor) -> int:
     parameters are stored in another dtype), else its first floating parameter's (``_keep_in_fp32_modules``
     skipped). Under ``torch.autocast`` for the input's device the model legitimately takes another dtype (autocast
     casts at each op, as plain diffusers runs it): not checked."""
-    if torch.is_autocast_enabled(x.device.type):
+    try:
+        autocast = torch.is_autocast_enabled(x.device.type)
+    except RuntimeError:  # a device type autocast does not know (meta): no autocast can be on for it
+        autocast = False
+    if autocast:
         return _UNCHECKED
     dtype = getattr(vae, "dtype", None)
     return _DTYPES.index(dtype) if dtype in _DTYPES else _OTHER

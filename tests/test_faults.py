@@ -112,7 +112,8 @@ def test_kill_during_save_state_rerun_and_resume(tmp_path, in_process):
     # the stale temporary is gone, and the default retention (--checkpoints_total_limit 2) kept the newest two
     assert sorted(os.listdir(ck)) == ["step_000002", "step_000003"]
     summary = json.loads((out / "finetune_summary.json").read_text())
-    assert summary["start_step"] == 1 and [h["step"] for h in summary["history"]] == [2, 3]
+    # the summary keeps the step trained before the kill (carried by the checkpoint), then the resumed ones
+    assert summary["start_step"] == 1 and [h["step"] for h in summary["history"]] == [1, 2, 3]
     recorded = json.loads((out / "run_config.json").read_text())
     assert {k: recorded[k] for k in ("world_size", "sp_degree", "dp_degree", "batch_size", "global_batch_size", "seed", "data")} == {
         "world_size": 1, "sp_degree": 1, "dp_degree": 1, "batch_size": 1, "global_batch_size": 1, "seed": 0, "data": "synthetic:2"
