@@ -12,6 +12,7 @@ return rounding noise (1e-17) there. Against its module's gradient scale (``to_k
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -252,3 +253,42 @@ def check(case: FCase, res: dict, ref: dict, truth: Optional[dict] = None) -> di
 def expected_conv_out_rows(case: FCase, rank: int, factor_before_unpatchify: int) -> int:
     """Rows the decoder's last conv computes on ``rank`` (its own rows only)."""
     return pv.row_split(case.latent_h, case.world)[rank] * factor_before_unpatchify
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the parity test of a list of cases (tests/test_families.py, tests/test_wave3_conv.py)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def world_results(cases: tuple, world: int) -> dict:
+    """case id -> every rank's result, for the cases of ``cases`` at ``world``: all of them in one task of that
+    world's worker pool (tests/dist_harness.py)."""
+    from tests.dist_harness import run_ranks, values
+
+    mine = [c for c in cases if c.world == world]
+    per_rank = values(run_ranks(run_cases, world, mine, timeout=600))
+    return {c.id: [r[c.id] for r in per_rank] for c in mine}
+
+
+@functools.lru_cache(maxsize=None)
+def cached_reference(case: FCase, dtype_name: str) -> dict:
+    return reference(case, dtype_name)
+
+
+def check_parity(case: FCase, cases: tuple, record_property) -> None:
+    """``case`` (one of ``cases``) against the unmodified model, on every group's rank 0; without subgroups, every
+    rank's decoder computed its own rows only (before any unpatchify), never the whole height."""
+    results = world_results(cases, case.world)[case.id]
+    roots = [r for r in results if r is not None and r["group_rank"] == 0]
+    assert len(roots) == (1 if case.groups is None else len(case.groups))
+    truth = cached_reference(case, "float64") if case.dtype != "float64" else None
+    for res in roots:
+        errs = check(case, res, cached_reference(case, case.dtype), truth)
+        record_property("max_rel_err", errs)
+        print(case.id, {k: f"{v:.2e}" for k, v in errs.items()})
+    if case.groups is None:
+        sizes = pv.row_split(case.latent_h, case.world)
+        rows = [r["conv_out_rows"] for r in results]
+        per_latent_row = rows[0][0] // sizes[0]
+        assert rows == [[s * per_latent_row] for s in sizes], rows

@@ -8,7 +8,6 @@ Families with their own test file (HunyuanVideo, HunyuanVideo-1.5) add their cas
 
 from __future__ import annotations
 
-import functools
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ import torch
 import parallel_vae as pv
 from parallel_vae.families import adapter_for
 from tests.dist_harness import run_ranks, values
-from tests.family_cases import FCase, call_outcomes, check, make_model, reference, run_cases
+from tests.family_cases import FCase, call_outcomes, check_parity, make_model
 
 CASES = [
     # AutoencoderKL (SD layout: 4 latent channels, quant convs) and its SD3/Flux.1 variant (16 channels, none)
@@ -36,35 +35,10 @@ CASES = [
 ]
 
 
-@functools.lru_cache(maxsize=None)
-def _world_results(world: int) -> dict:
-    cases = [c for c in CASES if c.world == world]
-    per_rank = values(run_ranks(run_cases, world, cases, timeout=600))
-    return {c.id: [r[c.id] for r in per_rank] for c in cases}
-
-
-@functools.lru_cache(maxsize=None)
-def _reference(case: FCase, dtype_name: str) -> dict:
-    return reference(case, dtype_name)
-
-
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_family_parity(case: FCase, record_property):
-    results = _world_results(case.world)[case.id]
-    roots = [r for r in results if r is not None and r["group_rank"] == 0]
-    assert len(roots) == (1 if case.groups is None else len(case.groups))
-    truth = _reference(case, "float64") if case.dtype != "float64" else None
-    for res in roots:
-        errs = check(case, res, _reference(case, case.dtype), truth)
-        record_property("max_rel_err", errs)
-        print(case.id, {k: f"{v:.2e}" for k, v in errs.items()})
-    if case.groups is None:
-        # every rank's decoder computed its own rows only (before any unpatchify), never the whole height
-        sizes = pv.row_split(case.latent_h, case.world)
-        rows = [r["conv_out_rows"] for r in results]
-        per_latent_row = rows[0][0] // sizes[0]
-        assert rows == [[s * per_latent_row] for s in sizes], rows
+    check_parity(case, tuple(CASES), record_property)
 
 
 def _bad_input_worker(rank, world, layout, width=8, latent=4):

@@ -13,7 +13,6 @@ pool (tests/dist_harness.py).
 
 from __future__ import annotations
 
-import functools
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ import torch
 import parallel_vae as pv
 from parallel_vae.families import adapter_for
 from tests.dist_harness import run_ranks, values
-from tests.family_cases import FCase, call_outcomes, check, make_model, reference, run_cases
+from tests.family_cases import FCase, call_outcomes, check_parity, make_model
 
 Q21 = "qwenimage21"
 CASES = [
@@ -34,35 +33,10 @@ CASES = [
 ]
 
 
-@functools.lru_cache(maxsize=None)
-def _world_results(world: int) -> dict:
-    cases = [c for c in CASES if c.world == world]
-    per_rank = values(run_ranks(run_cases, world, cases, timeout=600))
-    return {c.id: [r[c.id] for r in per_rank] for c in cases}
-
-
-@functools.lru_cache(maxsize=None)
-def _reference(case: FCase, dtype_name: str) -> dict:
-    return reference(case, dtype_name)
-
-
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_wave3_conv_parity(case: FCase, record_property):
-    results = _world_results(case.world)[case.id]
-    roots = [r for r in results if r is not None and r["group_rank"] == 0]
-    assert len(roots) == (1 if case.groups is None else len(case.groups))
-    truth = _reference(case, "float64") if case.dtype != "float64" else None
-    for res in roots:
-        errs = check(case, res, _reference(case, case.dtype), truth)
-        record_property("max_rel_err", errs)
-        print(case.id, {k: f"{v:.2e}" for k, v in errs.items()})
-    if case.groups is None:
-        # every rank's decoder computed its own rows only, never the whole height
-        sizes = pv.row_split(case.latent_h, case.world)
-        rows = [r["conv_out_rows"] for r in results]
-        per_latent_row = rows[0][0] // sizes[0]
-        assert rows == [[s * per_latent_row] for s in sizes], rows
+    check_parity(case, tuple(CASES), record_property)
 
 
 # ---------------------------------------------------------------------------------------------------------------
