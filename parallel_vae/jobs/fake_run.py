@@ -389,15 +389,14 @@ def measure_rank(cls_name: str, config: dict, op: str, frames: Optional[int], he
             x = local_input(vae, "decode" if op in ("decode", "reward") else "encode", frames, height, width, rows,
                             dtype)
             optimizer = None
-            if op == "reward":
+            if op == "reward":  # a frozen model, latents with grad
                 vae.requires_grad_(False)
                 x.requires_grad_(True)
-                if checkpointing:
-                    pv.enable_gradient_checkpointing(vae, offload=offload)
             if op == "train":
                 vae.train()
-                if checkpointing:
-                    pv.enable_gradient_checkpointing(vae, offload=offload)
+            if checkpointing and op in ("train", "reward"):
+                pv.enable_gradient_checkpointing(vae, offload=offload)
+            if op == "train":
                 optimizer = MixedPrecisionAdamW(list(vae.parameters()))
             m = measure(vae, op, x, numel=x.numel() // rows * rows_total, optimizer=optimizer)
     out = m.as_dict()
