@@ -6,7 +6,7 @@ diffusers costs ~5 s per process), and each test asserts on its own case's resul
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
