@@ -2,7 +2,8 @@
 """The distributed GroupNorm (``parallel_vae.core.norm``) against torch's ``F.group_norm`` on the same tensor.
 
 For each shape, dtype (float32, bfloat16) and path, the best of ``--repeat`` timed calls (after warm-up calls that
-also compile the kernels), forward and forward + backward, as the ratio ours / torch's:
+also compile the kernels; ours and torch's called in turn), forward and forward + backward, as the ratio ours /
+torch's:
 
 * ``N=1``: one process, group size 1;
 * ``N=2``: two spawned ranks (gloo on CPU, NCCL on CUDA), each holding half the rows (dim -2) of the tensor; ours
@@ -61,15 +62,22 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _best(fn, repeat, device):
-    times = []
+def _timed(fn, device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _best_interleaved(fns, repeat, device) -> list:
+    """The best of ``repeat`` timed calls of each of ``fns``, called in turn (ours, torch's, ours, ...), so that a
+    change of the machine's load during the measurement reaches both alike."""
+    best = [float("inf")] * len(fns)
     for _ in range(repeat):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for i, fn in enumerate(fns):
+            best[i] = min(best[i], _timed(fn, device))
+    return best
 
 
 def _peak_bytes(fn, device):
@@ -128,11 +136,10 @@ def _measure(x_full, w, b, group, rank, world, repeat, warmup):
         ours_f(), ref_f(), ours_fb(), ref_fb()
     res = {"mode": norm.kernel_mode(x)}
     for name, ours, ref in (("fwd", ours_f, ref_f), ("fwd_bwd", ours_fb, ref_fb)):
-        with comm.count_traffic() as c:
-            t_ours = _best(ours, repeat, device)
+        with comm.count_traffic() as c:  # only ours waits in collectives
+            t_ours, t_ref = _best_interleaved((ours, ref), repeat, device)
         # the wait of the best call is at most the total wait over all calls / repeat; report the mean per call
         wait = c.wait_s / repeat
-        t_ref = _best(ref, repeat, device)
         res[name] = {"ours_s": t_ours, "torch_s": t_ref, "ratio": t_ours / t_ref,
                      "ratio_excl_comm": max(t_ours - wait, 0.0) / t_ref, "comm_wait_s": wait,
                      "peak_ours": _peak_bytes(ours, device), "peak_torch": _peak_bytes(ref, device)}
@@ -201,7 +208,7 @@ def _two_ranks(args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--repeat", type=int, default=5, help="timed calls per measurement, best taken (default: 5)")
+    p.add_argument("--repeat", type=int, default=10, help="timed calls per measurement, best taken (default: 10)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="CPU threads per rank (default: 1)")
     p.add_argument("--worlds", default="1,2", help="group sizes to run: 1 and/or 2 (default: %(default)s)")
