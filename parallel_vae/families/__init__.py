@@ -16,6 +16,7 @@ from .cogvideox import ADAPTER as COGVIDEOX
 from .dc_ae import ADAPTER as DCAE
 from .hunyuan_video import ADAPTER as HUNYUANVIDEO
 from .hunyuan_video15 import ADAPTER as HUNYUANVIDEO15
+from .hunyuanimage import ADAPTER as HUNYUANIMAGE
 from .ltx import LTX2, LTXVIDEO
 from .mochi import ADAPTER as MOCHI
 from .qwenimage import ADAPTER as QWENIMAGE
@@ -37,6 +38,7 @@ __all__ = [
 _ADAPTERS: tuple[FamilyAdapter, ...] = (
     WAN, QWENIMAGE, AUTOENCODER_KL, FLUX2, HUNYUANVIDEO, HUNYUANVIDEO15, COGVIDEOX, DCAE, LTXVIDEO, LTX2, MOCHI,
     QWENIMAGE21,
+    HUNYUANIMAGE,
 )  # fmt: skip
 
 #: name -> adapter (recipes' ``--seeded NAME:...``, benchmarks' ``--family NAME``)

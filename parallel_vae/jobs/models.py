@@ -317,9 +317,19 @@ SEEDED_LAYOUTS = {
              temperal_downsample=[False, True, True, True], dropout=0.0, is_residual=True, in_channels=4,
              out_channels=4, patch_size=None, scale_factor_temporal=8, scale_factor_spatial=16),
     ),
+    # HunyuanImage-2.1 (hunyuanvideo-community/HunyuanImage-2.1-Diffusers): the vae config of diffusers' conversion
+    # script (scripts/convert_hunyuan_image_to_diffusers.py). 32x spatial; GroupNorms fixed at 32 groups.
+    "hunyuanimage": (
+        "AutoencoderKLHunyuanImage",
+        dict(in_channels=3, out_channels=3, latent_channels=64, block_out_channels=[128, 256, 512, 512, 1024, 1024],
+             layers_per_block=2, spatial_compression_ratio=32, sample_size=384, scaling_factor=0.75289,
+             downsample_match_channel=True, upsample_match_channel=True),
+    ),
 }  # fmt: skip
 # Mochi's per-frame GroupNorms have 32 groups and its attention heads are 32 channels wide, both fixed in diffusers.
 MOCHI_WIDTH_UNIT = 32
+# Classes whose GroupNorms diffusers fixes at 32 groups: a seeded width rounds up to a multiple of 32.
+GROUPS_32_CLASSES = ("AutoencoderKLHunyuanImage",)
 
 
 def seeded_config(
@@ -355,6 +365,8 @@ def seeded_config(
         elif cls_name == "AutoencoderKLMochi":
             cfg.update(_mochi_widths(cfg, width))
         else:
+            if cls_name in GROUPS_32_CLASSES:
+                width = -(-width // 32) * 32
             ratios = [c // cfg["block_out_channels"][0] for c in cfg["block_out_channels"]]
             if "decoder_block_out_channels" in cfg:  # LTX: its own decoder widths, in the same ratio
                 scale = cfg["block_out_channels"][0]
