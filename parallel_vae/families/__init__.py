@@ -17,6 +17,7 @@ from .dc_ae import ADAPTER as DCAE
 from .hunyuan_video import ADAPTER as HUNYUANVIDEO
 from .hunyuan_video15 import ADAPTER as HUNYUANVIDEO15
 from .hunyuanimage import ADAPTER as HUNYUANIMAGE
+from .hunyuanimage_refiner import ADAPTER as HUNYUANIMAGE_REFINER
 from .ltx import LTX2, LTXVIDEO
 from .mochi import ADAPTER as MOCHI
 from .qwenimage import ADAPTER as QWENIMAGE
@@ -39,6 +40,7 @@ _ADAPTERS: tuple[FamilyAdapter, ...] = (
     WAN, QWENIMAGE, AUTOENCODER_KL, FLUX2, HUNYUANVIDEO, HUNYUANVIDEO15, COGVIDEOX, DCAE, LTXVIDEO, LTX2, MOCHI,
     QWENIMAGE21,
     HUNYUANIMAGE,
+    HUNYUANIMAGE_REFINER,
 )  # fmt: skip
 
 #: name -> adapter (recipes' ``--seeded NAME:...``, benchmarks' ``--family NAME``)

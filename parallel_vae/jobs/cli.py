@@ -47,6 +47,7 @@ SEEDED_LAYOUT_NAMES = (
     "cogvideox", "dcae", "ltxvideo", "ltx2", "mochi",
     "qwenimage21",
     "hunyuanimage",
+    "hunyuanimage_refiner",
 )  # fmt: skip
 
 

@@ -325,6 +325,14 @@ SEEDED_LAYOUTS = {
              layers_per_block=2, spatial_compression_ratio=32, sample_size=384, scaling_factor=0.75289,
              downsample_match_channel=True, upsample_match_channel=True),
     ),
+    # HunyuanImage-2.1 refiner (hunyuanvideo-community/HunyuanImage-2.1-Refiner-Diffusers): diffusers'
+    # AutoencoderKLHunyuanImageRefiner defaults, written out. 16x spatial; every frame kept (see its adapter).
+    "hunyuanimage_refiner": (
+        "AutoencoderKLHunyuanImageRefiner",
+        dict(in_channels=3, out_channels=3, latent_channels=32, block_out_channels=[128, 256, 512, 1024, 1024],
+             layers_per_block=2, spatial_compression_ratio=16, temporal_compression_ratio=4,
+             downsample_match_channel=True, upsample_match_channel=True, scaling_factor=1.03682),
+    ),
 }  # fmt: skip
 # Mochi's per-frame GroupNorms have 32 groups and its attention heads are 32 channels wide, both fixed in diffusers.
 MOCHI_WIDTH_UNIT = 32
