@@ -86,6 +86,7 @@ ENTRIES = {
     "hunyuanimage_refiner": [
         Entry("hunyuanimage_refiner", "hunyuanimage_refiner", "HunyuanImage-2.1 refiner 2048x2048", 1, 2048, 2048)
     ],
+    "kvae": [Entry("kvae", "kvae", "KVAE 2-D 1024x1024", None, 1024, 1024)],
 }
 HEADLINE = ENTRIES["wan"][0]
 

@@ -34,6 +34,9 @@ HI = "hunyuanimage"
 _HI_SMALL = (("layers_per_block", 1), ("block_out_channels", (32, 32, 32, 32, 64, 64)))
 HIR = "hunyuanimage_refiner"
 _HIR_SMALL = (("layers_per_block", 1),)
+KV = "kvae"
+# one resnet per level, levels of 32/32/64/64 channels: every layer kind, 1.0 M parameters
+_KV_SMALL = (("num_enc_blocks", 1), ("num_dec_blocks", 1), ("ch_mult", (1, 1, 2, 2)))
 CASES = [
     # HunyuanImage-2.1: 4-D images, 32x spatial, so 3 latent rows are 96 pixel rows
     FCase(HI, "float64", "replicated", latent_h=3, latent_w=1, world=2, batch=2, width=32, overrides=_HI_SMALL),
@@ -45,6 +48,11 @@ CASES = [
     FCase(HIR, "float64", "replicated", frames=2, latent_h=3, world=2, batch=2, overrides=_HIR_SMALL),
     FCase(HIR, "float64", "sharded", frames=3, latent_h=4, world=3, overrides=_HIR_SMALL, checkpointing=True),
     HIR_F32 := FCase(HIR, "float32", "sharded", frames=2, latent_h=3, world=2, overrides=_HIR_SMALL),
+    # KVAE 2-D: 8x spatial; replicate/reflect pads at the global edges, latent-conditioned decoder norms
+    FCase(KV, "float64", "replicated", latent_h=3, world=2, batch=2, width=32, overrides=_KV_SMALL),
+    FCase(KV, "float64", "sharded", latent_h=4, world=3, width=32, overrides=_KV_SMALL, checkpointing=True),  # 2/1/1
+    FCase(KV, "float32", "sharded", latent_h=3, world=2, width=32, overrides=_KV_SMALL),
+    FCase(KV, "float64", "replicated", latent_h=3, world=3, width=32, groups=((1, 2),), overrides=_KV_SMALL),
     FCase(HIR, "float64", "sharded", frames=1, latent_h=3, world=3, groups=((1, 2),), overrides=_HIR_SMALL),
 ]
 
@@ -122,6 +130,7 @@ def _tiling_calls(vae, world, lead, zlead, f) -> dict:
 BAD_INPUT = {
     HI: (1, _tiling_calls, 32, _HI_SMALL),
     HIR: (1, _no_extra, 8, _HIR_SMALL),
+    KV: (1, _tiling_calls, 32, _KV_SMALL),
 }
 
 
@@ -177,4 +186,12 @@ def test_hunyuanimage_refiner_refuses_a_pad_mode_outside_its_table():
     adapter_for(vae).plan(vae)
     vae.decoder.conv_in.pad_mode = "reflect"  # reflect reads n + 1 rows of the edge shard: not in the table
     with pytest.raises(NotImplementedError, match=r"decoder\.conv_in"):
+        adapter_for(vae).plan(vae)
+
+
+def test_kvae_refuses_a_conv_outside_its_table():
+    vae = make_model(FCase(KV, "float32", width=32, overrides=_KV_SMALL), torch.float32)
+    adapter_for(vae).plan(vae)
+    vae.decoder.conv_in.padding_mode = "circular"  # wraps the image's last rows onto its first
+    with pytest.raises(NotImplementedError, match=r"decoder\.conv_in.*circular"):
         adapter_for(vae).plan(vae)

@@ -18,6 +18,7 @@ from .hunyuan_video import ADAPTER as HUNYUANVIDEO
 from .hunyuan_video15 import ADAPTER as HUNYUANVIDEO15
 from .hunyuanimage import ADAPTER as HUNYUANIMAGE
 from .hunyuanimage_refiner import ADAPTER as HUNYUANIMAGE_REFINER
+from .kvae import ADAPTER as KVAE
 from .ltx import LTX2, LTXVIDEO
 from .mochi import ADAPTER as MOCHI
 from .qwenimage import ADAPTER as QWENIMAGE
@@ -41,6 +42,7 @@ _ADAPTERS: tuple[FamilyAdapter, ...] = (
     QWENIMAGE21,
     HUNYUANIMAGE,
     HUNYUANIMAGE_REFINER,
+    KVAE,
 )  # fmt: skip
 
 #: name -> adapter (recipes' ``--seeded NAME:...``, benchmarks' ``--family NAME``)

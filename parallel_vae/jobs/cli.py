@@ -48,6 +48,7 @@ SEEDED_LAYOUT_NAMES = (
     "qwenimage21",
     "hunyuanimage",
     "hunyuanimage_refiner",
+    "kvae",
 )  # fmt: skip
 
 

@@ -333,11 +333,20 @@ SEEDED_LAYOUTS = {
              layers_per_block=2, spatial_compression_ratio=16, temporal_compression_ratio=4,
              downsample_match_channel=True, upsample_match_channel=True, scaling_factor=1.03682),
     ),
+    # Kandinsky KVAE 2-D (kandinskylab KVAE-2D-1.0): diffusers' AutoencoderKLKVAE defaults, written out. 8x spatial;
+    # GroupNorms fixed at 32 groups; no latent scaling in the config.
+    "kvae": (
+        "AutoencoderKLKVAE",
+        dict(in_channels=3, channels=128, num_enc_blocks=2, num_dec_blocks=2, z_channels=16, double_z=True,
+             ch_mult=[1, 2, 4, 8], sample_size=1024),
+    ),
 }  # fmt: skip
 # Mochi's per-frame GroupNorms have 32 groups and its attention heads are 32 channels wide, both fixed in diffusers.
 MOCHI_WIDTH_UNIT = 32
 # Classes whose GroupNorms diffusers fixes at 32 groups: a seeded width rounds up to a multiple of 32.
-GROUPS_32_CLASSES = ("AutoencoderKLHunyuanImage",)
+GROUPS_32_CLASSES = ("AutoencoderKLHunyuanImage", "AutoencoderKLKVAE", "AutoencoderKLKVAEVideo")
+# Kandinsky's KVAE classes name their base width "channels" (2-D) and "ch" (video) and their latents "z_channels".
+_BASE_WIDTH_KEYS = ("channels", "ch")
 
 
 def seeded_config(
@@ -350,8 +359,9 @@ def seeded_config(
     ``width`` replaces the first block's channels; the others keep the real ratios. Families with GroupNorm keep
     the real group count where the width allows, else halve it until every group has at least 2 channels of the
     first block, so statistics still span several channels. Mochi: ``width`` is the first block of the encoder and
-    of the decoder, a multiple of 32 (its group count and head width are fixed). Latent statistics of a
-    changed latent width become identity (zeros / ones) of the right length.
+    of the decoder, a multiple of 32 (its group count and head width are fixed). Classes whose GroupNorms diffusers
+    fixes at 32 groups (``GROUPS_32_CLASSES``: HunyuanImage, KVAE, KVAE-Video) round ``width`` up to a multiple of
+    32. Latent statistics of a changed latent width become identity (zeros / ones) of the right length.
     """
     if layout not in SEEDED_LAYOUTS:
         raise ValueError(f"unknown seeded layout {layout!r}; choose one of {sorted(SEEDED_LAYOUTS)}")
@@ -372,6 +382,9 @@ def seeded_config(
             cfg["attention_head_dim"] = min(cfg["attention_head_dim"], min(attn, default=cfg["attention_head_dim"]))
         elif cls_name == "AutoencoderKLMochi":
             cfg.update(_mochi_widths(cfg, width))
+        elif any(k in cfg for k in _BASE_WIDTH_KEYS) and "ch_mult" in cfg:  # KVAE: levels are ch * ch_mult
+            key = next(k for k in _BASE_WIDTH_KEYS if k in cfg)
+            cfg[key] = -(-width // 32) * 32 if cls_name in GROUPS_32_CLASSES else width
         else:
             if cls_name in GROUPS_32_CLASSES:
                 width = -(-width // 32) * 32
@@ -386,7 +399,7 @@ def seeded_config(
                     groups //= 2
                 cfg["norm_num_groups"] = max(groups, 1)
     if latent is not None:
-        key = "z_dim" if "z_dim" in cfg else "latent_channels"
+        key = next((k for k in ("z_dim", "z_channels") if k in cfg), "latent_channels")
         if latent != cfg[key] and cls_name in ("AutoencoderKLQwenImage", "AutoencoderKLMochi", "AutoencoderKLQwenImage21"):
             cfg["latents_mean"], cfg["latents_std"] = [0.0] * latent, [1.0] * latent
         cfg[key] = latent
