@@ -87,6 +87,7 @@ ENTRIES = {
         Entry("hunyuanimage_refiner", "hunyuanimage_refiner", "HunyuanImage-2.1 refiner 2048x2048", 1, 2048, 2048)
     ],
     "kvae": [Entry("kvae", "kvae", "KVAE 2-D 1024x1024", None, 1024, 1024)],
+    "kvae_video": [Entry("kvae_video", "kvae_video", "KVAE-Video (Kandinsky 5) 1280x768x121", 121, 768, 1280)],
 }
 HEADLINE = ENTRIES["wan"][0]
 

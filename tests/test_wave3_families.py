@@ -25,7 +25,7 @@ from parallel_vae.families import adapter_for
 from tests.dist_harness import run_ranks, values
 from tests.cases import BARS, PARAM_GRAD_SLACK, rel_err
 from tests.family_cases import (
-    FCase, cached_reference, call_outcomes, check, check_parity, make_model, param_grad_errors, reference,
+    FCase, cached_reference, call_outcomes, check, check_parity, make_inputs, make_model, param_grad_errors, reference,
     world_results, worst,
 )
 
@@ -37,6 +37,8 @@ _HIR_SMALL = (("layers_per_block", 1),)
 KV = "kvae"
 # one resnet per level, levels of 32/32/64/64 channels: every layer kind, 1.0 M parameters
 _KV_SMALL = (("num_enc_blocks", 1), ("num_dec_blocks", 1), ("ch_mult", (1, 1, 2, 2)))
+KVV = "kvae_video"
+_KVV_SMALL = (("num_res_blocks", 1), ("ch_mult", (1, 1, 2, 2)))
 CASES = [
     # HunyuanImage-2.1: 4-D images, 32x spatial, so 3 latent rows are 96 pixel rows
     FCase(HI, "float64", "replicated", latent_h=3, latent_w=1, world=2, batch=2, width=32, overrides=_HI_SMALL),
@@ -53,6 +55,12 @@ CASES = [
     FCase(KV, "float64", "sharded", latent_h=4, world=3, width=32, overrides=_KV_SMALL, checkpointing=True),  # 2/1/1
     FCase(KV, "float32", "sharded", latent_h=3, world=2, width=32, overrides=_KV_SMALL),
     FCase(KV, "float64", "replicated", latent_h=3, world=3, width=32, groups=((1, 2),), overrides=_KV_SMALL),
+    # KVAE-Video: 8x spatial, 4x temporal, chunks of 17, 16, ... pixel frames with frame caches between them
+    FCase(KVV, "float64", "replicated", frames=5, latent_h=3, world=2, batch=2, width=32, overrides=_KVV_SMALL),
+    FCase(KVV, "float64", "sharded", frames=33, latent_h=4, latent_w=1, world=3, width=32, overrides=_KVV_SMALL),  # 2 chunks
+    FCase(KVV, "float32", "sharded", frames=5, latent_h=3, world=2, width=32, overrides=_KVV_SMALL),
+    FCase(KVV, "float64", "replicated", frames=1, latent_h=3, world=3, width=32, groups=((1, 2),),
+          overrides=_KVV_SMALL),
     FCase(HIR, "float64", "sharded", frames=1, latent_h=3, world=3, groups=((1, 2),), overrides=_HIR_SMALL),
 ]
 
@@ -126,11 +134,17 @@ def _tiling_calls(vae, world, lead, zlead, f) -> dict:
     return {"tiling": tiled}
 
 
+def _kvv_frames_calls(vae, world, lead, zlead, f) -> dict:
+    """KVAE-Video encodes 1 + 4n pixel frames."""
+    return {"six_pixel_frames": lambda: vae.encode(torch.zeros(lead[:2] + (6, f * world, f)))}
+
+
 # layout -> (frames of a valid input, further bad calls, width, overrides)
 BAD_INPUT = {
     HI: (1, _tiling_calls, 32, _HI_SMALL),
     HIR: (1, _no_extra, 8, _HIR_SMALL),
     KV: (1, _tiling_calls, 32, _KV_SMALL),
+    KVV: (5, _kvv_frames_calls, 32, _KVV_SMALL),
 }
 
 
@@ -194,4 +208,27 @@ def test_kvae_refuses_a_conv_outside_its_table():
     adapter_for(vae).plan(vae)
     vae.decoder.conv_in.padding_mode = "circular"  # wraps the image's last rows onto its first
     with pytest.raises(NotImplementedError, match=r"decoder\.conv_in.*circular"):
+        adapter_for(vae).plan(vae)
+
+
+def test_kvae_video_refuses_checkpointing_and_modules_outside_its_table():
+    """diffusers' own checkpointing of this class recomputes with advanced frame caches (wrong gradients): refused.
+    The premise is checked on the unmodified model: its checkpointed input gradient is far from the plain one."""
+    case = FCase(KVV, "float64", frames=5, latent_h=2, width=32, overrides=_KVV_SMALL)
+    x_grads = []
+    for checkpointing in (False, True):
+        vae = make_model(case, torch.float64)
+        if checkpointing:
+            vae.enable_gradient_checkpointing()  # diffusers' own
+        x, w = make_inputs(case, vae, torch.float64)
+        x.requires_grad_(True)
+        (vae.decode(vae.encode(x).latent_dist.mode()).sample * w).sum().backward()
+        x_grads.append(x.grad)
+    assert rel_err(x_grads[1], x_grads[0]) > 0.1
+    vae = make_model(FCase(KVV, "float32", width=32, overrides=_KVV_SMALL), torch.float32)
+    with pytest.raises(NotImplementedError, match="frame caches"):
+        pv.enable_gradient_checkpointing(vae)
+    adapter_for(vae).plan(vae)
+    vae.decoder.conv_in.width_pad = 2  # rows padded by 2 for a 3-row kernel: not in the table
+    with pytest.raises(NotImplementedError, match=r"decoder\.conv_in\.conv"):
         adapter_for(vae).plan(vae)

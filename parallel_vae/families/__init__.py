@@ -19,6 +19,7 @@ from .hunyuan_video15 import ADAPTER as HUNYUANVIDEO15
 from .hunyuanimage import ADAPTER as HUNYUANIMAGE
 from .hunyuanimage_refiner import ADAPTER as HUNYUANIMAGE_REFINER
 from .kvae import ADAPTER as KVAE
+from .kvae_video import ADAPTER as KVAE_VIDEO
 from .ltx import LTX2, LTXVIDEO
 from .mochi import ADAPTER as MOCHI
 from .qwenimage import ADAPTER as QWENIMAGE
@@ -43,6 +44,7 @@ _ADAPTERS: tuple[FamilyAdapter, ...] = (
     HUNYUANIMAGE,
     HUNYUANIMAGE_REFINER,
     KVAE,
+    KVAE_VIDEO,
 )  # fmt: skip
 
 #: name -> adapter (recipes' ``--seeded NAME:...``, benchmarks' ``--family NAME``)

@@ -49,6 +49,7 @@ SEEDED_LAYOUT_NAMES = (
     "hunyuanimage",
     "hunyuanimage_refiner",
     "kvae",
+    "kvae_video",
 )  # fmt: skip
 
 

@@ -340,6 +340,13 @@ SEEDED_LAYOUTS = {
         dict(in_channels=3, channels=128, num_enc_blocks=2, num_dec_blocks=2, z_channels=16, double_z=True,
              ch_mult=[1, 2, 4, 8], sample_size=1024),
     ),
+    # Kandinsky 5 KVAE-Video (kandinskylab KVAE-3D-1.0): diffusers' AutoencoderKLKVAEVideo defaults, written out.
+    # 8x spatial, 4x temporal; GroupNorms fixed at 32 groups; no latent scaling in the config.
+    "kvae_video": (
+        "AutoencoderKLKVAEVideo",
+        dict(ch=128, ch_mult=[1, 2, 4, 8], num_res_blocks=2, in_channels=3, out_ch=3, z_channels=16,
+             temporal_compress_times=4),
+    ),
 }  # fmt: skip
 # Mochi's per-frame GroupNorms have 32 groups and its attention heads are 32 channels wide, both fixed in diffusers.
 MOCHI_WIDTH_UNIT = 32
