@@ -25,7 +25,7 @@ function: on the unmodified float64 model (5 frames) the input gradient is 0.98 
 1-frame clip raises in the recompute ("Kernel size can't be greater than actual input size").
 
 The encoder returns the latents' mean only; ``encode`` pairs it with a zero log-variance (a unit variance), and
-so does :meth:`KVAEVideoAdapter.posterior` for the sharded path.
+so does :meth:`KVAEVideoAdapter.posterior` (:class:`UnitPosterior`) for the sharded paths.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from ..core.plan import Treatment, classify, original_class, sharded_class, unkn
 from ..layers.kvae_cached_conv import HaloPaddedInnerConv
 from .base import FamilyAdapter, scaling_shift_normalization
 
-__all__ = ["KVAEVideoAdapter", "ADAPTER"]
+__all__ = ["KVAEVideoAdapter", "UnitPosterior", "ADAPTER"]
 
 _LOCAL = (
     kvv.KVAECachedPXSDownsample,
@@ -95,6 +95,18 @@ def _treat(name: str, m: nn.Module, parents: dict) -> Optional[Treatment]:
             raise unknown_module(name, m, "a conv with a temporal kernel outside a cached causal conv")
         return conv_treatment(name, m)
     raise unknown_module(name, m)
+
+
+class UnitPosterior(DiagonalGaussianDistribution):
+    """What ``AutoencoderKLKVAEVideo.encode`` returns, ``DiagonalGaussianDistribution(cat([mean, zeros]))`` (a zero
+    log-variance: std and variance 1), with ``parameters`` the mean alone, so that the shared paths which gather a
+    posterior's ``parameters`` and rebuild it with :meth:`KVAEVideoAdapter.posterior` get it back unchanged."""
+
+    def __init__(self, mean: torch.Tensor):
+        self.parameters = self.mean = mean
+        self.deterministic = False
+        self.logvar = torch.zeros_like(mean)
+        self.std = self.var = torch.ones_like(mean)
 
 
 def _chunks(frames: int, first: int) -> int:
@@ -150,8 +162,12 @@ class KVAEVideoAdapter(FamilyAdapter):
         )
 
     def posterior(self, moments: torch.Tensor) -> DiagonalGaussianDistribution:
-        """``_encode`` gives the mean; ``encode`` pairs it with a zero log-variance, as here."""
-        return DiagonalGaussianDistribution(torch.cat([moments, torch.zeros_like(moments)], dim=1))
+        """``_encode`` gives the mean; ``encode`` pairs it with a zero log-variance: :class:`UnitPosterior`."""
+        return UnitPosterior(moments)
+
+    def posterior_of(self, encoded) -> DiagonalGaussianDistribution:
+        """The same posterior from what the class's own ``encode`` returns (its mean)."""
+        return UnitPosterior(encoded.latent_dist.mean)
 
     def denormalize(self, vae, z):
         scale, shift = scaling_shift_normalization(vae)  # the config has neither: identity
