@@ -82,6 +82,12 @@ ENTRIES = {
         Entry("hunyuanvideo15", "hunyuanvideo15", "HunyuanVideo-1.5 1280x720x121", 121, 720, 1280, baseline=False)
     ],
     "qwenimage21": [Entry("qwenimage21", "qwenimage21", "Qwen-Image 2.1 1024x1024", 1, 1024, 1024)],
+    "hunyuanimage": [Entry("hunyuanimage", "hunyuanimage", "HunyuanImage-2.1 2048x2048", None, 2048, 2048)],
+    "hunyuanimage_refiner": [
+        Entry("hunyuanimage_refiner", "hunyuanimage_refiner", "HunyuanImage-2.1 refiner 2048x2048", 1, 2048, 2048)
+    ],
+    "kvae": [Entry("kvae", "kvae", "KVAE 2-D 1024x1024", None, 1024, 1024)],
+    "kvae_video": [Entry("kvae_video", "kvae_video", "KVAE-Video (Kandinsky 5) 1280x768x121", 121, 768, 1280)],
 }
 HEADLINE = ENTRIES["wan"][0]
 

@@ -424,6 +424,7 @@ _CHUNK_CASES = [
     ("hunyuanvideo15", 2, {}),
     ("mochi", 2, {}),
     ("sd", 1, {"use_slicing": True}),  # images: once per sample when slicing
+    ("kvae_video", 6, {}),  # chunks of 17, 16, ... pixel frames: 21 frames / 6 latent frames are 2 chunks each way
 ]
 
 
@@ -465,5 +466,5 @@ def test_every_progress_bar_has_the_total_of_its_updates(monkeypatch):
         pipeline.decode_video(vae, z, progress=True)
         pipeline.encode_video(vae, x, progress=True)
         assert [(b.given, b.n) for b in bars] == [(bars[0].n, bars[0].n), (bars[1].n, bars[1].n)], (layout, settings, [(b.given, b.n) for b in bars])
-        if layout in ("hunyuanvideo", "cogvideox", "ltxvideo", "wan2.1") and settings != {"use_framewise_decoding": False, "use_framewise_encoding": False}:
+        if layout in ("hunyuanvideo", "cogvideox", "ltxvideo", "wan2.1", "kvae_video") and settings != {"use_framewise_decoding": False, "use_framewise_encoding": False}:
             assert min(b.n for b in bars) > 1, (layout, [b.n for b in bars])  # the case does split time

@@ -16,6 +16,10 @@ from .cogvideox import ADAPTER as COGVIDEOX
 from .dc_ae import ADAPTER as DCAE
 from .hunyuan_video import ADAPTER as HUNYUANVIDEO
 from .hunyuan_video15 import ADAPTER as HUNYUANVIDEO15
+from .hunyuanimage import ADAPTER as HUNYUANIMAGE
+from .hunyuanimage_refiner import ADAPTER as HUNYUANIMAGE_REFINER
+from .kvae import ADAPTER as KVAE
+from .kvae_video import ADAPTER as KVAE_VIDEO
 from .ltx import LTX2, LTXVIDEO
 from .mochi import ADAPTER as MOCHI
 from .qwenimage import ADAPTER as QWENIMAGE
@@ -37,6 +41,10 @@ __all__ = [
 _ADAPTERS: tuple[FamilyAdapter, ...] = (
     WAN, QWENIMAGE, AUTOENCODER_KL, FLUX2, HUNYUANVIDEO, HUNYUANVIDEO15, COGVIDEOX, DCAE, LTXVIDEO, LTX2, MOCHI,
     QWENIMAGE21,
+    HUNYUANIMAGE,
+    HUNYUANIMAGE_REFINER,
+    KVAE,
+    KVAE_VIDEO,
 )  # fmt: skip
 
 #: name -> adapter (recipes' ``--seeded NAME:...``, benchmarks' ``--family NAME``)

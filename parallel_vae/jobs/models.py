@@ -317,9 +317,43 @@ SEEDED_LAYOUTS = {
              temperal_downsample=[False, True, True, True], dropout=0.0, is_residual=True, in_channels=4,
              out_channels=4, patch_size=None, scale_factor_temporal=8, scale_factor_spatial=16),
     ),
+    # HunyuanImage-2.1 (hunyuanvideo-community/HunyuanImage-2.1-Diffusers): the vae config of diffusers' conversion
+    # script (scripts/convert_hunyuan_image_to_diffusers.py). 32x spatial; GroupNorms fixed at 32 groups.
+    "hunyuanimage": (
+        "AutoencoderKLHunyuanImage",
+        dict(in_channels=3, out_channels=3, latent_channels=64, block_out_channels=[128, 256, 512, 512, 1024, 1024],
+             layers_per_block=2, spatial_compression_ratio=32, sample_size=384, scaling_factor=0.75289,
+             downsample_match_channel=True, upsample_match_channel=True),
+    ),
+    # HunyuanImage-2.1 refiner (hunyuanvideo-community/HunyuanImage-2.1-Refiner-Diffusers): diffusers'
+    # AutoencoderKLHunyuanImageRefiner defaults, written out. 16x spatial; every frame kept (see its adapter).
+    "hunyuanimage_refiner": (
+        "AutoencoderKLHunyuanImageRefiner",
+        dict(in_channels=3, out_channels=3, latent_channels=32, block_out_channels=[128, 256, 512, 1024, 1024],
+             layers_per_block=2, spatial_compression_ratio=16, temporal_compression_ratio=4,
+             downsample_match_channel=True, upsample_match_channel=True, scaling_factor=1.03682),
+    ),
+    # Kandinsky KVAE 2-D (kandinskylab KVAE-2D-1.0): diffusers' AutoencoderKLKVAE defaults, written out. 8x spatial;
+    # GroupNorms fixed at 32 groups; no latent scaling in the config.
+    "kvae": (
+        "AutoencoderKLKVAE",
+        dict(in_channels=3, channels=128, num_enc_blocks=2, num_dec_blocks=2, z_channels=16, double_z=True,
+             ch_mult=[1, 2, 4, 8], sample_size=1024),
+    ),
+    # Kandinsky 5 KVAE-Video (kandinskylab KVAE-3D-1.0): diffusers' AutoencoderKLKVAEVideo defaults, written out.
+    # 8x spatial, 4x temporal; GroupNorms fixed at 32 groups; no latent scaling in the config.
+    "kvae_video": (
+        "AutoencoderKLKVAEVideo",
+        dict(ch=128, ch_mult=[1, 2, 4, 8], num_res_blocks=2, in_channels=3, out_ch=3, z_channels=16,
+             temporal_compress_times=4),
+    ),
 }  # fmt: skip
 # Mochi's per-frame GroupNorms have 32 groups and its attention heads are 32 channels wide, both fixed in diffusers.
 MOCHI_WIDTH_UNIT = 32
+# Classes whose GroupNorms diffusers fixes at 32 groups: a seeded width rounds up to a multiple of 32.
+GROUPS_32_CLASSES = ("AutoencoderKLHunyuanImage", "AutoencoderKLKVAE", "AutoencoderKLKVAEVideo")
+# Kandinsky's KVAE classes name their base width "channels" (2-D) and "ch" (video) and their latents "z_channels".
+_BASE_WIDTH_KEYS = ("channels", "ch")
 
 
 def seeded_config(
@@ -332,8 +366,9 @@ def seeded_config(
     ``width`` replaces the first block's channels; the others keep the real ratios. Families with GroupNorm keep
     the real group count where the width allows, else halve it until every group has at least 2 channels of the
     first block, so statistics still span several channels. Mochi: ``width`` is the first block of the encoder and
-    of the decoder, a multiple of 32 (its group count and head width are fixed). Latent statistics of a
-    changed latent width become identity (zeros / ones) of the right length.
+    of the decoder, a multiple of 32 (its group count and head width are fixed). Classes whose GroupNorms diffusers
+    fixes at 32 groups (``GROUPS_32_CLASSES``: HunyuanImage, KVAE, KVAE-Video) round ``width`` up to a multiple of
+    32. Latent statistics of a changed latent width become identity (zeros / ones) of the right length.
     """
     if layout not in SEEDED_LAYOUTS:
         raise ValueError(f"unknown seeded layout {layout!r}; choose one of {sorted(SEEDED_LAYOUTS)}")
@@ -354,7 +389,12 @@ def seeded_config(
             cfg["attention_head_dim"] = min(cfg["attention_head_dim"], min(attn, default=cfg["attention_head_dim"]))
         elif cls_name == "AutoencoderKLMochi":
             cfg.update(_mochi_widths(cfg, width))
+        elif any(k in cfg for k in _BASE_WIDTH_KEYS) and "ch_mult" in cfg:  # KVAE: levels are ch * ch_mult
+            key = next(k for k in _BASE_WIDTH_KEYS if k in cfg)
+            cfg[key] = -(-width // 32) * 32 if cls_name in GROUPS_32_CLASSES else width
         else:
+            if cls_name in GROUPS_32_CLASSES:
+                width = -(-width // 32) * 32
             ratios = [c // cfg["block_out_channels"][0] for c in cfg["block_out_channels"]]
             if "decoder_block_out_channels" in cfg:  # LTX: its own decoder widths, in the same ratio
                 scale = cfg["block_out_channels"][0]
@@ -366,7 +406,7 @@ def seeded_config(
                     groups //= 2
                 cfg["norm_num_groups"] = max(groups, 1)
     if latent is not None:
-        key = "z_dim" if "z_dim" in cfg else "latent_channels"
+        key = next((k for k in ("z_dim", "z_channels") if k in cfg), "latent_channels")
         if latent != cfg[key] and cls_name in ("AutoencoderKLQwenImage", "AutoencoderKLMochi", "AutoencoderKLQwenImage21"):
             cfg["latents_mean"], cfg["latents_std"] = [0.0] * latent, [1.0] * latent
         cfg[key] = latent
