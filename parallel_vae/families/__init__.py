@@ -21,6 +21,7 @@ from .mochi import ADAPTER as MOCHI
 from .qwenimage import ADAPTER as QWENIMAGE
 from .qwenimage21 import ADAPTER as QWENIMAGE21
 from .wan import ADAPTER as WAN
+from .minimax_h3 import ADAPTER as MINIMAX_H3
 
 __all__ = [
     "FAMILIES",
@@ -37,6 +38,7 @@ __all__ = [
 _ADAPTERS: tuple[FamilyAdapter, ...] = (
     WAN, QWENIMAGE, AUTOENCODER_KL, FLUX2, HUNYUANVIDEO, HUNYUANVIDEO15, COGVIDEOX, DCAE, LTXVIDEO, LTX2, MOCHI,
     QWENIMAGE21,
+    MINIMAX_H3,
 )  # fmt: skip
 
 #: name -> adapter (recipes' ``--seeded NAME:...``, benchmarks' ``--family NAME``)
