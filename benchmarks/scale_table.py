@@ -66,6 +66,8 @@ class Entry:
     # mask element by element in Python: 340 s of CPU per fake run at 1280x720x121, more than the rest of the
     # family section. --family_baselines all measures it anyway.
     baseline: bool = True
+    # enable_spatial_parallelism(attention=...): sequence attention's mode (MiniMax-H3's ViT decoder)
+    attention: str = "auto"
 
 
 # One entry per family, at its native size. A family without an entry is skipped with a printed line.
@@ -82,6 +84,12 @@ ENTRIES = {
         Entry("hunyuanvideo15", "hunyuanvideo15", "HunyuanVideo-1.5 1280x720x121", 121, 720, 1280, baseline=False)
     ],
     "qwenimage21": [Entry("qwenimage21", "qwenimage21", "Qwen-Image 2.1 1024x1024", 1, 1024, 1024)],
+    # 22 frames: one 7-latent-frame decode clip (17 n + 5 frames <-> 5 n + 2 latents), 25,205 tokens per attention
+    "minimax_h3": [
+        Entry("minimax_h3", "minimax_h3", "MiniMax-H3 1280x720x22 gather", 22, 720, 1280, attention="gather"),
+        Entry("minimax_h3", "minimax_h3", "MiniMax-H3 1280x720x22 ring", 22, 720, 1280, baseline=False,
+              attention="ring"),
+    ],
 }
 HEADLINE = ENTRIES["wan"][0]
 
@@ -103,6 +111,7 @@ class Task:
     dtype: str = "bfloat16"
     checkpointing: bool = False
     offload: bool = False  # with checkpointing: what the checkpoints keep lives in host memory
+    attention: str = "auto"  # sequence attention's mode (Entry.attention)
 
     @property
     def memory(self) -> str:
@@ -138,7 +147,8 @@ def _rank_task(task: Task) -> dict:
     cls_name, cfg = seeded_config(task.layout)
     start, cpu_start = time.perf_counter(), time.process_time()
     out = measure_rank(cls_name, cfg, task.op, task.frames, task.height, task.width, task.world, task.rank,
-                       getattr(torch, task.dtype), checkpointing=task.checkpointing, offload=task.offload)
+                       getattr(torch, task.dtype), checkpointing=task.checkpointing, offload=task.offload,
+                       attention=task.attention)
     out.update(seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu_start)
     return out
 
@@ -178,6 +188,7 @@ def _config_tasks(section: str, entry: Entry, op: str, world: int, all_classes: 
         groups = distinct_ranks(rows_total, world)
     else:
         groups = {_busiest(rows_total, world): [_busiest(rows_total, world)]}
+    kw.setdefault("attention", entry.attention)
     return [Task(section, entry.label, entry.layout, op, entry.frames, entry.height, entry.width, world, r, ranks, **kw)
             for r, ranks in groups.items()]
 
