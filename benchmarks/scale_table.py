@@ -68,6 +68,7 @@ class Entry:
     baseline: bool = True
     # enable_spatial_parallelism(attention=...): sequence attention's mode (MiniMax-H3's ViT decoder)
     attention: str = "auto"
+    ops: tuple = ("decode", "encode")  # the families section's ops (the ring entry: decode; its encoder is the same)
 
 
 # One entry per family, at its native size. A family without an entry is skipped with a printed line.
@@ -88,7 +89,7 @@ ENTRIES = {
     "minimax_h3": [
         Entry("minimax_h3", "minimax_h3", "MiniMax-H3 1280x720x22 gather", 22, 720, 1280, attention="gather"),
         Entry("minimax_h3", "minimax_h3", "MiniMax-H3 1280x720x22 ring", 22, 720, 1280, baseline=False,
-              attention="ring"),
+              attention="ring", ops=("decode",)),
     ],
 }
 HEADLINE = ENTRIES["wan"][0]
@@ -234,7 +235,7 @@ def _tasks(args) -> list[Task]:
                 continue
             for entry in ENTRIES[name]:
                 worlds = (1, 8) if entry.baseline or args.family_baselines == "all" else (8,)
-                for op in ("decode", "encode"):
+                for op in entry.ops:
                     for n in worlds:
                         tasks += _config_tasks("families", entry, op, n, False, False, dtype=args.dtype)
     return tasks
