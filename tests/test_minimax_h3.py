@@ -191,3 +191,15 @@ def test_minimax_h3_refuses_modules_outside_its_table():
     vae.decoder.transformer_blocks[0].attn.set_processor(OtherProcessor())
     with pytest.raises(NotImplementedError, match=r"transformer_blocks\.0\.attn"):
         adapter_for(vae).plan(vae)
+
+
+def test_minimax_h3_latent_normalization():
+    from parallel_vae.jobs.loading import denormalize_latents, normalize_latents
+
+    vae = make_model(_case("replicated", "auto", 2, 2, dtype="float32"), torch.float32)
+    vae.register_to_config(latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[0.5, 2.0, 1.5, 1.0])
+    z = torch.randn(1, 4, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    mean = torch.tensor(vae.config.latents_mean).view(1, 4, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, 4, 1, 1, 1)
+    torch.testing.assert_close(denormalize_latents(z, vae), z * std + mean)  # the pipeline's decode-side rule
+    torch.testing.assert_close(normalize_latents(denormalize_latents(z, vae), vae), z)
