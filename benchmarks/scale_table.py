@@ -66,6 +66,9 @@ class Entry:
     # mask element by element in Python: 340 s of CPU per fake run at 1280x720x121, more than the rest of the
     # family section. --family_baselines all measures it anyway.
     baseline: bool = True
+    # enable_spatial_parallelism(attention=...): sequence attention's mode (MiniMax-H3's ViT decoder)
+    attention: str = "auto"
+    ops: tuple = ("decode", "encode")  # the families section's ops (the ring entry: decode; its encoder is the same)
 
 
 # One entry per family, at its native size. A family without an entry is skipped with a printed line.
@@ -88,6 +91,12 @@ ENTRIES = {
     ],
     "kvae": [Entry("kvae", "kvae", "KVAE 2-D 1024x1024", None, 1024, 1024)],
     "kvae_video": [Entry("kvae_video", "kvae_video", "KVAE-Video (Kandinsky 5) 1280x768x121", 121, 768, 1280)],
+    # 22 frames: one 7-latent-frame decode clip (17 n + 5 frames <-> 5 n + 2 latents), 25,205 tokens per attention
+    "minimax_h3": [
+        Entry("minimax_h3", "minimax_h3", "MiniMax-H3 1280x720x22 gather", 22, 720, 1280, attention="gather"),
+        Entry("minimax_h3", "minimax_h3", "MiniMax-H3 1280x720x22 ring", 22, 720, 1280, baseline=False,
+              attention="ring", ops=("decode",)),
+    ],
 }
 HEADLINE = ENTRIES["wan"][0]
 
@@ -109,6 +118,7 @@ class Task:
     dtype: str = "bfloat16"
     checkpointing: bool = False
     offload: bool = False  # with checkpointing: what the checkpoints keep lives in host memory
+    attention: str = "auto"  # sequence attention's mode (Entry.attention)
 
     @property
     def memory(self) -> str:
@@ -144,7 +154,8 @@ def _rank_task(task: Task) -> dict:
     cls_name, cfg = seeded_config(task.layout)
     start, cpu_start = time.perf_counter(), time.process_time()
     out = measure_rank(cls_name, cfg, task.op, task.frames, task.height, task.width, task.world, task.rank,
-                       getattr(torch, task.dtype), checkpointing=task.checkpointing, offload=task.offload)
+                       getattr(torch, task.dtype), checkpointing=task.checkpointing, offload=task.offload,
+                       attention=task.attention)
     out.update(seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu_start)
     return out
 
@@ -184,6 +195,7 @@ def _config_tasks(section: str, entry: Entry, op: str, world: int, all_classes: 
         groups = distinct_ranks(rows_total, world)
     else:
         groups = {_busiest(rows_total, world): [_busiest(rows_total, world)]}
+    kw.setdefault("attention", entry.attention)
     return [Task(section, entry.label, entry.layout, op, entry.frames, entry.height, entry.width, world, r, ranks, **kw)
             for r, ranks in groups.items()]
 
@@ -229,7 +241,7 @@ def _tasks(args) -> list[Task]:
                 continue
             for entry in ENTRIES[name]:
                 worlds = (1, 8) if entry.baseline or args.family_baselines == "all" else (8,)
-                for op in ("decode", "encode"):
+                for op in entry.ops:
                     for n in worlds:
                         tasks += _config_tasks("families", entry, op, n, False, False, dtype=args.dtype)
     return tasks

@@ -67,7 +67,12 @@ _OPS = ["encode", "decode", "sharded_encode", "sharded_decode"]
 
 
 def enable_spatial_parallelism(
-    vae, group: Optional[dist.ProcessGroup] = None, *, timeout: Optional[float] = None, check_inputs: bool = True
+    vae,
+    group: Optional[dist.ProcessGroup] = None,
+    *,
+    timeout: Optional[float] = None,
+    check_inputs: bool = True,
+    attention: str = "auto",
 ):
     """Parallelize ``vae`` over the ranks of ``group`` by rows, in place, and return it.
 
@@ -85,6 +90,13 @@ def enable_spatial_parallelism(
             input: a fingerprint of a fixed sample of the input (``core/fingerprint.py``) travels in the shape
             agreement, and a mismatch (typically an unseeded ``torch.randn`` per rank) raises a ``ShardingError``
             on every rank. It costs three float64 sums over at most 65536 elements; ``False`` skips it.
+        attention: how sequence-parallel attention over all latent tokens (MiniMax-H3's ViT decoder) meets the other
+            ranks' keys and values: ``"gather"`` all-gathers them (each rank's own queries against the whole
+            sequence's keys and values), ``"ring"`` passes them around the group in blocks merged by an online
+            softmax (no rank holds the whole sequence's keys and values), ``"auto"`` (default) takes the gather
+            while one call's whole keys and values fit in ``parallel_vae.core.attention.RING_AUTO_BYTES`` (1 GiB)
+            and the ring beyond. Both are exact, forward and backward. The pixel attention of the other families'
+            mid blocks always gathers.
 
     Returns:
         ``vae`` itself. With a group of one rank nothing is changed (the cheap no-op path).
@@ -113,7 +125,12 @@ def enable_spatial_parallelism(
     size = group_size(group)
     if timeout is not None and not (isinstance(timeout, (int, float)) and 0 < timeout < float("inf")):
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    from .core.attention import ATTENTION_MODES
+
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
     state = SpatialState(group, size, adapter.spatial_factor(vae), adapter)
+    state.attention = attention
     state.timeout = timeout
     state.check_inputs = bool(check_inputs)
     if size > 1:

@@ -42,6 +42,7 @@ class FCase:
     width: int = 8
     latent: int = 4
     overrides: Optional[tuple] = None  # ((config key, value), ...) over the seeded layout, e.g. fewer layers
+    attention: str = "auto"  # enable_spatial_parallelism(attention=...): sequence attention (MiniMax-H3's ViT)
 
 
     @property
@@ -49,6 +50,7 @@ class FCase:
         g = "" if self.groups is None else "-groups" + "|".join(",".join(map(str, rs)) for rs in self.groups)
         g += "-ckpt" if self.checkpointing else ""
         g += "".join("-" + "".join(w[0] for w in k.split("_")) for k, _ in self.overrides or ())  # initials
+        g += "" if self.attention == "auto" else f"-{self.attention}"
         return (
             f"{self.layout}-{self.dtype}-{self.mode}-w{self.world}-b{self.batch}-t{self.frames}"
             f"-h{self.latent_h}x{self.latent_w}{g}"
@@ -138,7 +140,9 @@ def row_probe(vae) -> torch.nn.Module:
     """The decoder layer whose output rows (dim -2 of its output, or of its first output) the tests count: the last
     conv, or the last block where the decoder ends in a channels-last Linear (Mochi's ``proj_out``)."""
     decoder = vae.decoder
-    return decoder.conv_out if hasattr(decoder, "conv_out") else decoder.block_out
+    if hasattr(decoder, "conv_out"):
+        return decoder.conv_out
+    return decoder.block_out if hasattr(decoder, "block_out") else decoder  # MiniMax-H3's ViT: the decoder's pixels
 
 
 def run_case(rank: int, case: FCase):
@@ -149,7 +153,9 @@ def run_case(rank: int, case: FCase):
         return None
     dtype = DTYPES[case.dtype]
     vae = make_model(case, dtype)
-    pv.enable_spatial_parallelism(vae, group)
+    if getattr(vae, "use_tiling", False):  # MiniMax-H3 ships with tiling on; at the cases' sizes it cuts no tile
+        vae.disable_tiling()
+    pv.enable_spatial_parallelism(vae, group, attention=case.attention)
     if case.checkpointing:
         pv.enable_gradient_checkpointing(vae)
     x, w = make_inputs(case, vae, dtype)

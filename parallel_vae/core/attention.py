@@ -27,7 +27,8 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from .comm import overlap_enabled, start_gather_rows
 
 __all__ = [
-    "sharded_sdpa", "frame_causal_sdpa", "start_kv_gather", "PendingKV", "ShardedAttention", "check_pixel_attention"
+    "sharded_sdpa", "frame_causal_sdpa", "start_kv_gather", "PendingKV", "ShardedAttention", "check_pixel_attention",
+    "ATTENTION_MODES", "RING_AUTO_BYTES", "resolve_attention_mode",
 ]
 
 
@@ -139,6 +140,31 @@ def frame_causal_sdpa(
     (frames L)^2.
     """
     return start_kv_gather(k, v, group, sizes, frames).attend(q)
+
+
+#: how sequence-parallel attention (a ViT decoder's self-attention over all latent tokens, MiniMax-H3) meets the
+#: other ranks' keys and values: ``"gather"`` all-gathers them (:func:`start_kv_gather`), ``"ring"`` passes them
+#: around the group (:func:`parallel_vae.core.ring_attention.ring_sdpa`), ``"auto"`` picks by size
+#: (:func:`resolve_attention_mode`). Set per model: ``enable_spatial_parallelism(vae, attention=...)``.
+ATTENTION_MODES = ("auto", "gather", "ring")
+#: ``"auto"`` takes the ring once the whole sequence's keys and values of one attention call exceed this
+RING_AUTO_BYTES = 1 << 30
+
+
+def resolve_attention_mode(mode: str, kv_bytes: int) -> str:
+    """``"gather"`` or ``"ring"`` for ``mode`` and the size of the whole sequence's keys and values of one call.
+
+    ``auto``: the gather while those keys and values fit in ``RING_AUTO_BYTES`` (1 GiB), the ring beyond. The gather
+    is one collective, overlapped with the query projection, and the platform's SDPA kernel (flash attention on
+    GPUs) on the gathered keys; the ring is n - 1 dependent point-to-point steps in each direction and a plain-matmul
+    block kernel. The ring wins only where the gathered keys and values themselves weigh on the per-rank peak:
+    they grow with the whole sequence, the ring's blocks with one rank's share. ``kv_bytes`` is the same on every
+    rank (it follows from the agreed split), so every rank picks the same mode."""
+    if mode not in ATTENTION_MODES:
+        raise ValueError(f"attention mode must be one of {ATTENTION_MODES}, got {mode!r}")
+    if mode != "auto":
+        return mode
+    return "ring" if kv_bytes > RING_AUTO_BYTES else "gather"
 
 
 # Only the default SDPA processor: the classic ``AttnProcessor`` computes the softmax in float32 when

@@ -229,6 +229,45 @@ def _broadcast(t: torch.Tensor, group, src: int = 0) -> None:
     t.copy_(_wait_tensor(torch.ops._c10d_functional.broadcast(t.contiguous(), root, _group_name(group)), "broadcast"))
 
 
+def ring_peers(group) -> tuple[int, int]:
+    """(global rank of the next group rank, global rank of the previous one) on the ring of ``group``'s ranks in
+    group-rank order: point-to-point ops address global ranks, so an offset subgroup must map its group ranks."""
+    rank, size = group_rank(group), group_size(group)
+    return _global_peer(group, (rank + 1) % size), _global_peer(group, (rank - 1) % size)
+
+
+class PendingShift:
+    """One posted ring step (:func:`_ring_shift_start`): :meth:`wait` returns the tensor received from the previous
+    rank. The sent tensor is held until then (a point-to-point send reads it while in flight)."""
+
+    def __init__(self, recv: torch.Tensor, works: list, send: torch.Tensor):
+        self._recv, self._works, self._send = recv, works, send
+
+    def wait(self) -> torch.Tensor:
+        if self._works is not None:
+            start = time.perf_counter() if _counting() else None
+            for w in self._works:
+                w.wait()
+            if start is not None:
+                waited = time.perf_counter() - start
+                _counter.wait_s += waited
+                _counter.wait_by_kind["ring"] += waited
+            self._works, self._send = None, None
+        return self._recv
+
+
+def _ring_shift_start(send: torch.Tensor, recv_shape: Sequence[int], group) -> PendingShift:
+    """Post one step of a ring: ``send`` to the next group rank, a tensor of ``recv_shape`` from the previous one
+    (point-to-point, ``dist.batch_isend_irecv``, peers mapped to global ranks). Not yet waited on."""
+    send = send.contiguous()
+    recv = send.new_empty(tuple(recv_shape))
+    if _counting():
+        _counter.add("ring", _nbytes(send), _nbytes(recv))
+    nxt, prv = ring_peers(group)
+    ops = [dist.P2POp(dist.isend, send, nxt, group), dist.P2POp(dist.irecv, recv, prv, group)]
+    return PendingShift(recv, dist.batch_isend_irecv(ops), send)
+
+
 def _rows_shape(x: torch.Tensor, dim: int, rows: int) -> list[int]:
     shape = list(x.shape)
     shape[dim] = rows

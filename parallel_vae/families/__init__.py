@@ -25,6 +25,7 @@ from .mochi import ADAPTER as MOCHI
 from .qwenimage import ADAPTER as QWENIMAGE
 from .qwenimage21 import ADAPTER as QWENIMAGE21
 from .wan import ADAPTER as WAN
+from .minimax_h3 import ADAPTER as MINIMAX_H3
 
 __all__ = [
     "FAMILIES",
@@ -45,6 +46,7 @@ _ADAPTERS: tuple[FamilyAdapter, ...] = (
     HUNYUANIMAGE_REFINER,
     KVAE,
     KVAE_VIDEO,
+    MINIMAX_H3,
 )  # fmt: skip
 
 #: name -> adapter (recipes' ``--seeded NAME:...``, benchmarks' ``--family NAME``)

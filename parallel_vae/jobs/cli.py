@@ -50,6 +50,7 @@ SEEDED_LAYOUT_NAMES = (
     "hunyuanimage_refiner",
     "kvae",
     "kvae_video",
+    "minimax_h3",
 )  # fmt: skip
 
 

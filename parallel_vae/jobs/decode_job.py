@@ -359,6 +359,8 @@ def run_decode(rt: Runtime, args: argparse.Namespace) -> Optional[dict]:
 
     # step 4: encode (round trips) and decode through the shared library path.
     if plan.shard:
+        if getattr(vae, "use_tiling", False):  # MiniMax-H3 ships with tiling on: the parallel model is the untiled one
+            vae.disable_tiling()
         enable_spatial_parallelism(vae, rt.group)
     reset_peak_memory(rt.device)
     progress = not args.no_progress

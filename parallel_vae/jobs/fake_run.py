@@ -360,12 +360,14 @@ def distinct_ranks(latent_rows: int, world: int) -> dict[int, list[int]]:
 
 def measure_rank(cls_name: str, config: dict, op: str, frames: Optional[int], height: int, width: int, world: int,
                  rank: int, dtype: torch.dtype, *, fake: bool = True, checkpointing: bool = False,
-                 offload: bool = False, seed: int = 0) -> dict:
+                 offload: bool = False, seed: int = 0, attention: str = "auto") -> dict:
     """Build ``cls_name(**config)``, make this process rank ``rank`` of ``world`` and measure ``op`` on its shard.
 
     ``fake=True``: fake tensors and a fake process group (this process must have no process group). ``fake=False``:
     real tensors on the default process group, which the caller has initialized with ``world`` ranks (or none, for
-    a world of one). Both run the same code, so their numbers can be compared (tests/test_fake_scale.py)."""
+    a world of one). Both run the same code, so their numbers can be compared (tests/test_fake_scale.py).
+    ``attention``: ``enable_spatial_parallelism``'s sequence-attention mode. A model that ships with diffusers tiling
+    on (MiniMax-H3) is measured untiled, the model parallelism runs."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     import parallel_vae as pv
@@ -384,7 +386,9 @@ def measure_rank(cls_name: str, config: dict, op: str, frames: Optional[int], he
         ranks = fake_rank(world, rank, rows_total) if fake else contextlib.nullcontext(
             dist.group.WORLD if world > 1 else None)
         with ranks as group:
-            pv.enable_spatial_parallelism(vae, group)
+            if getattr(vae, "use_tiling", False):
+                vae.disable_tiling()
+            pv.enable_spatial_parallelism(vae, group, attention=attention)
             rows = row_split(rows_total, world)[rank]
             x = local_input(vae, "decode" if op in ("decode", "reward") else "encode", frames, height, width, rows,
                             dtype)

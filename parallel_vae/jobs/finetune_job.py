@@ -380,6 +380,8 @@ def _build_training(rt: Runtime, args: argparse.Namespace, vae, adapter, dtype):
     acc = rt.accelerator
     layout = hybrid_layout(args.sp_degree)
     vae = vae.to(rt.device)
+    if getattr(vae, "use_tiling", False):  # MiniMax-H3 ships with tiling on: the parallel model is the untiled one
+        vae.disable_tiling()
     enable_spatial_parallelism(vae, layout.spatial_group)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(vae, offload=args.offload_checkpoints)

@@ -347,6 +347,18 @@ SEEDED_LAYOUTS = {
         dict(ch=128, ch_mult=[1, 2, 4, 8], num_res_blocks=2, in_channels=3, out_ch=3, z_channels=16,
              temporal_compress_times=4),
     ),
+    # MiniMax-H3: diffusers' AutoencoderKLMiniMaxH3 defaults, which are the released checkpoint's config (the 24
+    # latents_mean / latents_std are the class defaults, not repeated here). Causal CNN encoder, 16x spatial / 4x
+    # temporal; ViT decoder of 36 blocks, 32 heads x 64, RoPE over 3/4 of each head; 17-frame encoder clips.
+    "minimax_h3": (
+        "AutoencoderKLMiniMaxH3",
+        dict(in_channels=3, out_channels=3, latent_channels=24, block_out_channels=[128, 256, 256, 512, 512, 1024],
+             layers_per_block=2, spatial_downsample_factors=[2, 2, 2, 2, 1, 1],
+             temporal_downsample_factors=[1, 2, 2, 1, 1, 1], norm_num_groups=32, norm_eps=1e-6,
+             spatial_padding_mode="reflect", decoder_num_layers=36, decoder_num_attention_heads=32,
+             decoder_attention_head_dim=64, decoder_num_register_tokens=4, decoder_ffn_mult=4, decoder_rope_theta=100.0,
+             decoder_rope_dim_ratio=0.75, decoder_norm_eps=1e-5, clip_length=17, token_drop=3),
+    ),
 }  # fmt: skip
 # Mochi's per-frame GroupNorms have 32 groups and its attention heads are 32 channels wide, both fixed in diffusers.
 MOCHI_WIDTH_UNIT = 32
@@ -396,10 +408,13 @@ def seeded_config(
             if cls_name in GROUPS_32_CLASSES:
                 width = -(-width // 32) * 32
             ratios = [c // cfg["block_out_channels"][0] for c in cfg["block_out_channels"]]
+            scale0 = cfg["block_out_channels"][0]
             if "decoder_block_out_channels" in cfg:  # LTX: its own decoder widths, in the same ratio
                 scale = cfg["block_out_channels"][0]
                 cfg["decoder_block_out_channels"] = [width * c // scale for c in cfg["decoder_block_out_channels"]]
             cfg["block_out_channels"] = [width * r for r in ratios]
+            if "decoder_num_attention_heads" in cfg:  # MiniMax-H3's ViT: heads in the encoder's ratio, 64 wide
+                cfg["decoder_num_attention_heads"] = max(1, cfg["decoder_num_attention_heads"] * width // scale0)
             if "norm_num_groups" in cfg:
                 groups = cfg["norm_num_groups"]
                 while width % groups or width // groups < 2:
@@ -407,7 +422,9 @@ def seeded_config(
                 cfg["norm_num_groups"] = max(groups, 1)
     if latent is not None:
         key = next((k for k in ("z_dim", "z_channels") if k in cfg), "latent_channels")
-        if latent != cfg[key] and cls_name in ("AutoencoderKLQwenImage", "AutoencoderKLMochi", "AutoencoderKLQwenImage21"):
+        if latent != cfg[key] and cls_name in (
+            "AutoencoderKLQwenImage", "AutoencoderKLMochi", "AutoencoderKLQwenImage21", "AutoencoderKLMiniMaxH3",
+        ):
             cfg["latents_mean"], cfg["latents_std"] = [0.0] * latent, [1.0] * latent
         cfg[key] = latent
     cfg.update(overrides or {})
