@@ -46,6 +46,7 @@ SEEDED_LAYOUT_NAMES = (
     "wan2.1", "wan2.2", "sd", "sdxl", "sd3", "flux1", "flux2", "qwenimage", "hunyuanvideo", "hunyuanvideo15",
     "cogvideox", "dcae", "ltxvideo", "ltx2", "mochi",
     "qwenimage21",
+    "ltx2diffusion",
 )  # fmt: skip
 
 

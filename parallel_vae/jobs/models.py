@@ -317,6 +317,19 @@ SEEDED_LAYOUTS = {
              temperal_downsample=[False, True, True, True], dropout=0.0, is_residual=True, in_channels=4,
              out_channels=4, patch_size=None, scale_factor_temporal=8, scale_factor_spatial=16),
     ),
+    # LTX-2.5's diffusion decoder (LTX2VideoDiffusionDecoderModel): diffusers' defaults, which its conversion script
+    # writes for the released model: stage widths 2048..256, neighbourhood kernels (3, 7, 7) / (3, 5, 5) and
+    # (11, 11, 11) in the one-step x0 stage 5; 32x spatial, 8x temporal. ``width`` sets stage 5's channels.
+    "ltx2diffusion": (
+        "LTX2VideoDiffusionDecoderModel",
+        dict(out_channels=3, latent_channels=128, patch_size=4, scaling_factor=1.0, decoder_head_dim=64,
+             decoder_stage_channels=[2048, 1024, 512, 512, 256], decoder_stage_depths=[4, 6, 4, 2, 8],
+             decoder_stage_kernels=[[3, 7, 7], [3, 7, 7], [3, 5, 5], [3, 5, 5]],
+             decoder_upsample_strides=[[1, 2, 2], [2, 1, 1], [2, 2, 2], [2, 2, 2]],
+             decoder_upsample_channel_reductions=[2, 2, 1, 2], decoder_stage5_kernel=[11, 11, 11],
+             decoder_t_emb_dim=384, decoder_timestep_scale_multiplier=1000.0, decoder_model_output_type="x0",
+             decoder_num_inference_steps=1, spatial_compression_ratio=32, temporal_compression_ratio=8),
+    ),
 }  # fmt: skip
 # Mochi's per-frame GroupNorms have 32 groups and its attention heads are 32 channels wide, both fixed in diffusers.
 MOCHI_WIDTH_UNIT = 32
@@ -354,6 +367,11 @@ def seeded_config(
             cfg["attention_head_dim"] = min(cfg["attention_head_dim"], min(attn, default=cfg["attention_head_dim"]))
         elif cls_name == "AutoencoderKLMochi":
             cfg.update(_mochi_widths(cfg, width))
+        elif cls_name == "LTX2VideoDiffusionDecoderModel":
+            # stage 5's channels, the others in the real ratios (8 : 4 : 2 : 2 : 1); heads no wider than stage 5
+            last = cfg["decoder_stage_channels"][-1]
+            cfg["decoder_stage_channels"] = [width * c // last for c in cfg["decoder_stage_channels"]]
+            cfg["decoder_head_dim"] = min(cfg["decoder_head_dim"], width)
         else:
             ratios = [c // cfg["block_out_channels"][0] for c in cfg["block_out_channels"]]
             if "decoder_block_out_channels" in cfg:  # LTX: its own decoder widths, in the same ratio
