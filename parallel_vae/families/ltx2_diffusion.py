@@ -117,6 +117,7 @@ class LTX2DiffusionDecoderAdapter(FamilyAdapter):
     model_class = ldd.LTX2VideoDiffusionDecoderModel
     video = True
     decode_method = "decode"
+    has_encoder = False
 
     def plan(self, vae):
         self.spatial_factor(vae)
