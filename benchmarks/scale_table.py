@@ -82,6 +82,7 @@ ENTRIES = {
         Entry("hunyuanvideo15", "hunyuanvideo15", "HunyuanVideo-1.5 1280x720x121", 121, 720, 1280, baseline=False)
     ],
     "qwenimage21": [Entry("qwenimage21", "qwenimage21", "Qwen-Image 2.1 1024x1024", 1, 1024, 1024)],
+    "ltx2diffusion": [Entry("ltx2diffusion", "ltx2diffusion", "LTX-2.5 diffusion decoder 768x512x121", 121, 512, 768)],
 }
 HEADLINE = ENTRIES["wan"][0]
 
@@ -209,7 +210,7 @@ def _tasks(args) -> list[Task]:
         # every family's training step at its native size, N=8, checkpointed with offload (the configuration a
         # user short of memory would pick) and checkpointed alone
         for name in FAMILIES:
-            for entry in ENTRIES.get(name, []):
+            for entry in ENTRIES.get(name, []) if FAMILIES[name].has_encoder else []:  # train: encode + decode
                 for mode in (dict(checkpointing=True), dict(checkpointing=True, offload=True)):
                     tasks += _config_tasks("train_families", entry, "train", 8, False, False, dtype=args.dtype,
                                            **mode)
@@ -223,7 +224,7 @@ def _tasks(args) -> list[Task]:
                 continue
             for entry in ENTRIES[name]:
                 worlds = (1, 8) if entry.baseline or args.family_baselines == "all" else (8,)
-                for op in ("decode", "encode"):
+                for op in ("decode", "encode") if FAMILIES[name].has_encoder else ("decode",):
                     for n in worlds:
                         tasks += _config_tasks("families", entry, op, n, False, False, dtype=args.dtype)
     return tasks
