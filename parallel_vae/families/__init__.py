@@ -18,6 +18,7 @@ from .hunyuan_video import ADAPTER as HUNYUANVIDEO
 from .hunyuan_video15 import ADAPTER as HUNYUANVIDEO15
 from .ltx import LTX2, LTXVIDEO
 from .ltx2_diffusion import ADAPTER as LTX2DIFFUSION
+from .cosmos import ADAPTER as COSMOS
 from .mochi import ADAPTER as MOCHI
 from .qwenimage import ADAPTER as QWENIMAGE
 from .qwenimage21 import ADAPTER as QWENIMAGE21
@@ -39,6 +40,7 @@ _ADAPTERS: tuple[FamilyAdapter, ...] = (
     WAN, QWENIMAGE, AUTOENCODER_KL, FLUX2, HUNYUANVIDEO, HUNYUANVIDEO15, COGVIDEOX, DCAE, LTXVIDEO, LTX2, MOCHI,
     QWENIMAGE21,
     LTX2DIFFUSION,
+    COSMOS,
 )  # fmt: skip
 
 #: name -> adapter (recipes' ``--seeded NAME:...``, benchmarks' ``--family NAME``)

@@ -47,6 +47,7 @@ SEEDED_LAYOUT_NAMES = (
     "cogvideox", "dcae", "ltxvideo", "ltx2", "mochi",
     "qwenimage21",
     "ltx2diffusion",
+    "cosmos",
 )  # fmt: skip
 
 

@@ -330,6 +330,16 @@ SEEDED_LAYOUTS = {
              decoder_t_emb_dim=384, decoder_timestep_scale_multiplier=1000.0, decoder_model_output_type="x0",
              decoder_num_inference_steps=1, spatial_compression_ratio=32, temporal_compression_ratio=8),
     ),
+    # Cosmos-1.0 tokenizer CV8x8x8 (nvidia/Cosmos-1.0-Diffusion-7B-Text2World vae/config.json = diffusers' defaults;
+    # the 16 x 16 per-(channel, frame) latents_mean / latents_std are the class defaults, not repeated here): Haar
+    # patching (patch 4), one spatiotemporal down/upsample, 8x spatial and temporal; decoder twice the width.
+    "cosmos": (
+        "AutoencoderKLCosmos",
+        dict(in_channels=3, out_channels=3, latent_channels=16, encoder_block_out_channels=[128, 256, 512, 512],
+             decode_block_out_channels=[256, 512, 512, 512], attention_resolutions=[32], resolution=1024,
+             num_layers=2, patch_size=4, patch_type="haar", scaling_factor=1.0, spatial_compression_ratio=8,
+             temporal_compression_ratio=8),
+    ),
 }  # fmt: skip
 # Mochi's per-frame GroupNorms have 32 groups and its attention heads are 32 channels wide, both fixed in diffusers.
 MOCHI_WIDTH_UNIT = 32
@@ -367,6 +377,10 @@ def seeded_config(
             cfg["attention_head_dim"] = min(cfg["attention_head_dim"], min(attn, default=cfg["attention_head_dim"]))
         elif cls_name == "AutoencoderKLMochi":
             cfg.update(_mochi_widths(cfg, width))
+        elif cls_name == "AutoencoderKLCosmos":  # both stacks in the real ratios to the encoder's first block
+            first = cfg["encoder_block_out_channels"][0]
+            for key in ("encoder_block_out_channels", "decode_block_out_channels"):
+                cfg[key] = [width * c // first for c in cfg[key]]
         elif cls_name == "LTX2VideoDiffusionDecoderModel":
             # stage 5's channels, the others in the real ratios (8 : 4 : 2 : 2 : 1); heads no wider than stage 5
             last = cfg["decoder_stage_channels"][-1]
@@ -385,7 +399,9 @@ def seeded_config(
                 cfg["norm_num_groups"] = max(groups, 1)
     if latent is not None:
         key = "z_dim" if "z_dim" in cfg else "latent_channels"
-        if latent != cfg[key] and cls_name in ("AutoencoderKLQwenImage", "AutoencoderKLMochi", "AutoencoderKLQwenImage21"):
+        if latent != cfg[key] and cls_name in (
+            "AutoencoderKLQwenImage", "AutoencoderKLMochi", "AutoencoderKLQwenImage21", "AutoencoderKLCosmos"
+        ):
             cfg["latents_mean"], cfg["latents_std"] = [0.0] * latent, [1.0] * latent
         cfg[key] = latent
     cfg.update(overrides or {})
