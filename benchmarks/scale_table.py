@@ -83,6 +83,7 @@ ENTRIES = {
     ],
     "qwenimage21": [Entry("qwenimage21", "qwenimage21", "Qwen-Image 2.1 1024x1024", 1, 1024, 1024)],
     "ltx2diffusion": [Entry("ltx2diffusion", "ltx2diffusion", "LTX-2.5 diffusion decoder 768x512x121", 121, 512, 768)],
+    "cosmos": [Entry("cosmos", "cosmos", "Cosmos CV8x8x8 1280x704x121", 121, 704, 1280)],
 }
 HEADLINE = ENTRIES["wan"][0]
 

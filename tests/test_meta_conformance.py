@@ -125,13 +125,15 @@ def _first_valid_frames(vae, adapter, several: bool) -> int:
 
 
 # Layouts built with fewer or smaller layers of the same kinds (meta kernels are slow Python): LTX-2.5's diffusion
-# decoder has 24 neighbourhood-attention blocks at the released depths, whose kernels need 7 x 7 latents of 3 frames.
+# decoder has 24 neighbourhood-attention blocks at the released depths, whose kernels need 7 x 7 latents of 3 frames;
+# Cosmos one resnet per block.
 _SHALLOW = {
     "ltx2diffusion": {
         "decoder_stage_depths": [1, 1, 1, 1, 1],
         "decoder_stage_kernels": [[3, 3, 3]] * 4,
         "decoder_stage5_kernel": [1, 3, 3],
-    }
+    },
+    "cosmos": {"num_layers": 1},
 }
 
 
