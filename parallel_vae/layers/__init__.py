@@ -8,5 +8,6 @@ a family's noise or attention), built on the family-agnostic pieces of :mod:`par
 * ``replicate_causal_conv``: ``CogVideoXCausalConv3d`` in replicate mode (Mochi);
 * ``ltx_noise``: LTX-Video's per-pixel decoder noise;
 * ``linear_attention``: DC-AE's ReLU linear attention;
-* ``frame_conv2d``: a 2-D conv standing in for a causal 3-D one on single frames (Qwen-Image 2.1).
+* ``frame_conv2d``: a 2-D conv standing in for a causal 3-D one on single frames (Qwen-Image 2.1);
+* ``neighborhood_attention``: windowed (neighbourhood) attention and its rotary positions (LTX-2.5's diffusion decoder).
 """
