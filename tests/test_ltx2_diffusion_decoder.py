@@ -344,3 +344,15 @@ def test_ltx2_diffusion_refuses_an_unknown_processor_and_module():
     vae.decoder.det_stages[0][0].mlp = torch.nn.Conv2d(1, 1, 3)
     with pytest.raises(NotImplementedError, match=r"det_stages\.0\.0\.mlp"):
         adapter.plan(vae)
+
+
+def test_window_rule_against_natten_when_installed():
+    """NATTEN's own na3d (on CPU, NATTEN 0.21 built without its CUDA library runs its Flex backend: forward,
+    float32) against :func:`neighborhood_sdpa` on the whole grid. NATTEN is not a dependency (diffusers' NATTEN
+    processor fetches GPU kernels from the Hub instead), so this runs where someone installed it."""
+    natten = pytest.importorskip("natten")
+    g = torch.Generator().manual_seed(0)
+    for kernel, shape in (((3, 5, 3), (1, 4, 7, 6, 2, 8)), ((3, 7, 7), (2, 3, 9, 8, 1, 16))):
+        q, k, v = (torch.randn(shape, generator=g) for _ in range(3))
+        ref = natten.na3d(q, k, v, kernel_size=kernel, scale=1.0)
+        assert rel_err(neighborhood_sdpa(q, k, v, kernel, 0, 0, shape[2]), ref) <= BARS["float32"]
