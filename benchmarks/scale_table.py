@@ -97,6 +97,8 @@ ENTRIES = {
         Entry("minimax_h3", "minimax_h3", "MiniMax-H3 1280x720x22 ring", 22, 720, 1280, baseline=False,
               attention="ring", ops=("decode",)),
     ],
+    "ltx2diffusion": [Entry("ltx2diffusion", "ltx2diffusion", "LTX-2.5 diffusion decoder 768x512x121", 121, 512, 768)],
+    "cosmos": [Entry("cosmos", "cosmos", "Cosmos CV8x8x8 1280x704x121", 121, 704, 1280)],
 }
 HEADLINE = ENTRIES["wan"][0]
 
@@ -227,7 +229,7 @@ def _tasks(args) -> list[Task]:
         # every family's training step at its native size, N=8, checkpointed with offload (the configuration a
         # user short of memory would pick) and checkpointed alone
         for name in FAMILIES:
-            for entry in ENTRIES.get(name, []):
+            for entry in ENTRIES.get(name, []) if FAMILIES[name].has_encoder else []:  # train: encode + decode
                 for mode in (dict(checkpointing=True), dict(checkpointing=True, offload=True)):
                     tasks += _config_tasks("train_families", entry, "train", 8, False, False, dtype=args.dtype,
                                            **mode)
@@ -241,7 +243,7 @@ def _tasks(args) -> list[Task]:
                 continue
             for entry in ENTRIES[name]:
                 worlds = (1, 8) if entry.baseline or args.family_baselines == "all" else (8,)
-                for op in entry.ops:
+                for op in entry.ops if FAMILIES[name].has_encoder else ("decode",):
                     for n in worlds:
                         tasks += _config_tasks("families", entry, op, n, False, False, dtype=args.dtype)
     return tasks

@@ -140,7 +140,7 @@ def enable_spatial_parallelism(
         follow_class(vae)  # hooks stacked before enabling now call the sharded forwards
         # Instance attributes take precedence over the class methods that encode()/decode() call.
         vae._encode = types.MethodType(_replicated_encode, vae)
-        vae._decode = types.MethodType(_replicated_decode, vae)
+        setattr(vae, adapter.decode_method, types.MethodType(_replicated_decode, vae))
     setattr(vae, _STATE_ATTR, state)
     return vae
 
@@ -163,7 +163,9 @@ def disable_spatial_parallelism(vae):
     forwards again (``parallel_vae.core.hooks``)."""
     restore_hooks(vae)
     remove_plan(vae)
-    for name in ("_encode", "_decode", _STATE_ATTR):
+    state = vae.__dict__.get(_STATE_ATTR)
+    entry = state.adapter.decode_method if state is not None and state.adapter is not None else "_decode"
+    for name in ("_encode", "_decode", entry, _STATE_ATTR):
         vae.__dict__.pop(name, None)
     return vae
 
@@ -468,10 +470,11 @@ def _replicated_encode(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 
 def _replicated_decode(self, z: torch.Tensor, *args, **kwargs):
-    """Stands in for the class's own ``_decode`` (same signature and return type, which differ by family)."""
+    """Stands in for the class's own ``_decode`` (same signature and return type, which differ by family), or for
+    ``decode`` in a class without ``_decode`` (``FamilyAdapter.decode_method``)."""
     state = _state(self)
     adapter = _adapter(state)
-    extra, return_dict = adapter.call_args(self, "_decode", args, kwargs)
+    extra, return_dict = adapter.call_args(self, adapter.decode_method, args, kwargs)
     _check_tiling(self)
     sizes = _agree(self, "decode", z, state)
     with fail_fast(state.group, "decode"):
@@ -515,7 +518,7 @@ def sharded_decode(vae, z_local: torch.Tensor, **kwargs) -> torch.Tensor:
     state = _state(vae)
     if state.size == 1:
         return vae.decode(z_local, **kwargs).sample
-    extra, _ = _adapter(state).call_args(vae, "_decode", (), kwargs)
+    extra, _ = _adapter(state).call_args(vae, _adapter(state).decode_method, (), kwargs)
     _check_tiling(vae)
     _agree(vae, "sharded_decode", z_local, state)
     parts = z_local.split(1) if getattr(vae, "use_slicing", False) and z_local.shape[0] > 1 else [z_local]

@@ -31,6 +31,7 @@ import torch.nn as nn
 from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageUpsample
 from diffusers.models.autoencoders.autoencoder_kl_qwenimage21 import QwenImage21Upsample
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanUpsample
+from diffusers.models.autoencoders.ltx2_diffusion_decoder import LTX2VideoVaeRotaryPosEmbed3D
 
 __all__ = ["FLOAT32_UPSAMPLES", "float64_internals"]
 
@@ -45,7 +46,28 @@ def float64_internals(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if type(m) in FLOAT32_UPSAMPLES:
             m.forward = types.MethodType(nn.Upsample.forward, m)
+        if type(m) in FLOAT32_ROTARIES:
+            m._rotate_axis = types.MethodType(_rotate_axis_in_input_dtype, m)
     return model
+
+
+# diffusers classes whose rotation rounds its input to float32 and back (LTX-2.5's diffusion decoder's 3-D RoPE):
+# ``_rotate_axis`` casts the pairs with ``.float()``, so a float64 model's queries and keys, and their gradients,
+# are rounded to float32 there; and its float32 ``cos``/``sin`` round differently with the angle tensor's length
+# (a row shard's vs the whole height's).
+FLOAT32_ROTARIES = (LTX2VideoVaeRotaryPosEmbed3D,)
+
+
+def _rotate_axis_in_input_dtype(self, x, positions, inv_freqs, axis):
+    """``LTX2VideoVaeRotaryPosEmbed3D._rotate_axis`` in ``x``'s dtype: the same float32 angles (positions x inverse
+    frequencies, exactly rounded per element), their cos/sin and the rotation in ``x``'s dtype, no cast of ``x``."""
+    pairs = x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
+    even, odd = pairs[..., 0], pairs[..., 1]
+    shape = [1, 1, 1, 1, 1, inv_freqs.shape[0]]
+    shape[axis] = positions.shape[0]
+    angles = (positions[:, None] * inv_freqs[None, :]).reshape(shape).to(x.dtype)
+    cos, sin = angles.cos(), angles.sin()
+    return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).reshape(x.shape)
 
 
 def float64_internals_if(model: nn.Module, dtype: torch.dtype) -> nn.Module:

@@ -126,10 +126,23 @@ def _first_valid_frames(vae, adapter, several: bool) -> int:
     raise AssertionError(f"{type(vae).__name__}: no small frame count is valid")
 
 
+# Layouts built with fewer or smaller layers of the same kinds (meta kernels are slow Python): LTX-2.5's diffusion
+# decoder has 24 neighbourhood-attention blocks at the released depths, whose kernels need 7 x 7 latents of 3 frames;
+# Cosmos one resnet per block.
+_SHALLOW = {
+    "ltx2diffusion": {
+        "decoder_stage_depths": [1, 1, 1, 1, 1],
+        "decoder_stage_kernels": [[3, 3, 3]] * 4,
+        "decoder_stage5_kernel": [1, 3, 3],
+    },
+    "cosmos": {"num_layers": 1},
+}
+
+
 def _meta_model(layout: str):
     width = 32 if layout == "mochi" else 8
     # MiniMax-H3: 2 of its 36 ViT blocks (the same layer kinds; meta kernels are slow Python)
-    overrides = {"decoder_num_layers": 2} if layout == "minimax_h3" else None
+    overrides = {"decoder_num_layers": 2} if layout == "minimax_h3" else _SHALLOW.get(layout)
     vae = build_seeded_vae(layout, width=width, latent=4 if layout != "mochi" else None, seed=0, overrides=overrides)
     if getattr(vae, "use_tiling", False):  # MiniMax-H3 ships with tiling on; the parallel model is the untiled one
         vae.disable_tiling()
@@ -163,7 +176,38 @@ def _run_rank(layout: str, vae, rank: int, world: int, validate: bool) -> None:
         dist.destroy_process_group()
 
 
+def _decoder_only_paths(layout: str, vae, world: int) -> None:
+    """A class without an encoder (LTX-2.5's diffusion decoder): replicated decode, and a sharded decode step with
+    the sharded loss and backward, on 3 x 3 latents (3-row windows at stage 1)."""
+    adapter = adapter_for(vae)
+    f, zc = adapter.spatial_factor(vae), adapter.latent_channels(vae)
+    frames = next(t for t in (1, 2, 3, 4) if not adapter.check_frames(vae, t, True))
+    latent_h = 3
+    with assume_split(pv.row_split(latent_h, world)):
+        _decode_step(layout, vae, adapter, torch.empty((1, zc, frames, latent_h, 3), device=META), f)
+
+
+def _decode_step(layout, vae, adapter, z, f) -> None:
+    latent_h = z.shape[-2]
+    out = _traffic(f"{layout} replicated decode", 1, lambda: decode_video(vae, z))
+    assert out.shape[-2] == latent_h * f and out.device == META
+    start, rows = pv.local_rows(vae, latent_h)
+    z_local = z.narrow(-2, start, rows).requires_grad_(True)
+
+    def step():
+        recon = decode_video(vae, z_local, sharded=True, gather=False, grad=True)
+        loss = pv.sharded_loss(recon.square().sum(), numel=out.numel(), group=pv.spatial_group(vae))
+        loss.backward()
+        return recon
+
+    recon = _traffic(f"{layout} sharded step", 1, step)
+    assert recon.shape[-2] == rows * f
+    assert any(p.grad is not None for p in vae.decoder.parameters())
+
+
 def _paths(layout: str, vae, rank: int, world: int, latent_h: int, validate: bool) -> None:
+    if not adapter_for(vae).has_encoder:
+        return _decoder_only_paths(layout, vae, world)
     if True:
         adapter = adapter_for(vae)
         f, c = adapter.spatial_factor(vae), adapter.pixel_channels(vae)

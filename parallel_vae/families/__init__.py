@@ -21,6 +21,8 @@ from .hunyuanimage_refiner import ADAPTER as HUNYUANIMAGE_REFINER
 from .kvae import ADAPTER as KVAE
 from .kvae_video import ADAPTER as KVAE_VIDEO
 from .ltx import LTX2, LTXVIDEO
+from .ltx2_diffusion import ADAPTER as LTX2DIFFUSION
+from .cosmos import ADAPTER as COSMOS
 from .mochi import ADAPTER as MOCHI
 from .qwenimage import ADAPTER as QWENIMAGE
 from .qwenimage21 import ADAPTER as QWENIMAGE21
@@ -47,6 +49,8 @@ _ADAPTERS: tuple[FamilyAdapter, ...] = (
     KVAE,
     KVAE_VIDEO,
     MINIMAX_H3,
+    LTX2DIFFUSION,
+    COSMOS,
 )  # fmt: skip
 
 #: name -> adapter (recipes' ``--seeded NAME:...``, benchmarks' ``--family NAME``)

@@ -48,6 +48,11 @@ class FamilyAdapter:
     uses_latent_stats: bool = False
     #: whether the class's ``_decode`` returns ``DecoderOutput`` / tuple (``return_dict``) or a bare tensor
     decode_returns_output: bool = True
+    #: the method the class's ``decode`` runs the decoder through, which replicated mode replaces on the instance:
+    #: ``_decode``, or ``decode`` itself for a class without one (LTX-2.5's diffusion decoder)
+    decode_method: str = "_decode"
+    #: whether the class encodes (a decoder-only class, LTX-2.5's diffusion decoder, raises on every encode path)
+    has_encoder: bool = True
 
     # --- the module table -----------------------------------------------------------------------------------
     def plan(self, vae: nn.Module) -> list[Treatment]:

@@ -51,6 +51,8 @@ SEEDED_LAYOUT_NAMES = (
     "kvae",
     "kvae_video",
     "minimax_h3",
+    "ltx2diffusion",
+    "cosmos",
 )  # fmt: skip
 
 

@@ -175,6 +175,11 @@ def read_input(args: argparse.Namespace, vae) -> DecodeInput:
                 f"latent channels are {latent_channels(vae)}: they were made for a different VAE"
             )
         return DecodeInput("latents", args.latents, latents=z, notes=notes)
+    if not adapter.has_encoder:
+        raise InputError(
+            f"{type(vae).__name__} is a decoder only (it cannot encode a video for a round trip): pass --latents "
+            "PATH (latents of the VAE it decodes for, e.g. AutoencoderKLLTX2Video's)"
+        )
     if not adapter.video:
         if args.video:
             raise InputError(f"--video: {type(vae).__name__} is an image VAE; pass --image PATH [PATH ...]")

@@ -199,10 +199,20 @@ def build_model(cls_name: str, config: dict, dtype: torch.dtype) -> nn.Module:
     # swapped by .to().
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
+    # A class that clones a module-level constant tensor in __init__ (Cosmos's Haar wavelets) hands the active fake
+    # mode a real tensor: allow that while building (the clone becomes a fake buffer).
+    from torch._guards import detect_fake_mode
+
+    mode = detect_fake_mode()
+    allowed = getattr(mode, "allow_non_fake_inputs", None)
+    if mode is not None:
+        mode.allow_non_fake_inputs = True
     try:
         return getattr(diffusers, cls_name)(**config).eval()
     finally:
         torch.set_default_dtype(previous)
+        if mode is not None:
+            mode.allow_non_fake_inputs = allowed
 
 
 def local_input(vae: nn.Module, op: str, frames: Optional[int], height: int, width: int, rows: int,

@@ -359,6 +359,29 @@ SEEDED_LAYOUTS = {
              decoder_attention_head_dim=64, decoder_num_register_tokens=4, decoder_ffn_mult=4, decoder_rope_theta=100.0,
              decoder_rope_dim_ratio=0.75, decoder_norm_eps=1e-5, clip_length=17, token_drop=3),
     ),
+    # LTX-2.5's diffusion decoder (LTX2VideoDiffusionDecoderModel): diffusers' defaults, which its conversion script
+    # writes for the released model: stage widths 2048..256, neighbourhood kernels (3, 7, 7) / (3, 5, 5) and
+    # (11, 11, 11) in the one-step x0 stage 5; 32x spatial, 8x temporal. ``width`` sets stage 5's channels.
+    "ltx2diffusion": (
+        "LTX2VideoDiffusionDecoderModel",
+        dict(out_channels=3, latent_channels=128, patch_size=4, scaling_factor=1.0, decoder_head_dim=64,
+             decoder_stage_channels=[2048, 1024, 512, 512, 256], decoder_stage_depths=[4, 6, 4, 2, 8],
+             decoder_stage_kernels=[[3, 7, 7], [3, 7, 7], [3, 5, 5], [3, 5, 5]],
+             decoder_upsample_strides=[[1, 2, 2], [2, 1, 1], [2, 2, 2], [2, 2, 2]],
+             decoder_upsample_channel_reductions=[2, 2, 1, 2], decoder_stage5_kernel=[11, 11, 11],
+             decoder_t_emb_dim=384, decoder_timestep_scale_multiplier=1000.0, decoder_model_output_type="x0",
+             decoder_num_inference_steps=1, spatial_compression_ratio=32, temporal_compression_ratio=8),
+    ),
+    # Cosmos-1.0 tokenizer CV8x8x8 (nvidia/Cosmos-1.0-Diffusion-7B-Text2World vae/config.json = diffusers' defaults;
+    # the 16 x 16 per-(channel, frame) latents_mean / latents_std are the class defaults, not repeated here): Haar
+    # patching (patch 4), one spatiotemporal down/upsample, 8x spatial and temporal; decoder twice the width.
+    "cosmos": (
+        "AutoencoderKLCosmos",
+        dict(in_channels=3, out_channels=3, latent_channels=16, encoder_block_out_channels=[128, 256, 512, 512],
+             decode_block_out_channels=[256, 512, 512, 512], attention_resolutions=[32], resolution=1024,
+             num_layers=2, patch_size=4, patch_type="haar", scaling_factor=1.0, spatial_compression_ratio=8,
+             temporal_compression_ratio=8),
+    ),
 }  # fmt: skip
 # Mochi's per-frame GroupNorms have 32 groups and its attention heads are 32 channels wide, both fixed in diffusers.
 MOCHI_WIDTH_UNIT = 32
@@ -404,6 +427,15 @@ def seeded_config(
         elif any(k in cfg for k in _BASE_WIDTH_KEYS) and "ch_mult" in cfg:  # KVAE: levels are ch * ch_mult
             key = next(k for k in _BASE_WIDTH_KEYS if k in cfg)
             cfg[key] = -(-width // 32) * 32 if cls_name in GROUPS_32_CLASSES else width
+        elif cls_name == "AutoencoderKLCosmos":  # both stacks in the real ratios to the encoder's first block
+            first = cfg["encoder_block_out_channels"][0]
+            for key in ("encoder_block_out_channels", "decode_block_out_channels"):
+                cfg[key] = [width * c // first for c in cfg[key]]
+        elif cls_name == "LTX2VideoDiffusionDecoderModel":
+            # stage 5's channels, the others in the real ratios (8 : 4 : 2 : 2 : 1); heads no wider than stage 5
+            last = cfg["decoder_stage_channels"][-1]
+            cfg["decoder_stage_channels"] = [width * c // last for c in cfg["decoder_stage_channels"]]
+            cfg["decoder_head_dim"] = min(cfg["decoder_head_dim"], width)
         else:
             if cls_name in GROUPS_32_CLASSES:
                 width = -(-width // 32) * 32
@@ -424,6 +456,7 @@ def seeded_config(
         key = next((k for k in ("z_dim", "z_channels") if k in cfg), "latent_channels")
         if latent != cfg[key] and cls_name in (
             "AutoencoderKLQwenImage", "AutoencoderKLMochi", "AutoencoderKLQwenImage21", "AutoencoderKLMiniMaxH3",
+            "AutoencoderKLCosmos",
         ):
             cfg["latents_mean"], cfg["latents_std"] = [0.0] * latent, [1.0] * latent
         cfg[key] = latent

@@ -11,5 +11,6 @@ a family's noise or attention), built on the family-agnostic pieces of :mod:`par
 * ``frame_conv2d``: a 2-D conv standing in for a causal 3-D one on single frames (Qwen-Image 2.1);
 * ``kvae_cached_conv``: KVAE-Video's cached causal 3-D conv, replicate-padded (Kandinsky 5);
 * ``spatial_pad_conv``: causal 3-D convs that pad space themselves, and their pad-then-stride-2 downsampler (MiniMax-H3);
-* ``vit_decoder``: a ViT decoder over latent tokens, sequence-parallel attention with global rotary positions (MiniMax-H3).
+* ``vit_decoder``: a ViT decoder over latent tokens, sequence-parallel attention with global rotary positions (MiniMax-H3);
+* ``neighborhood_attention``: windowed (neighbourhood) attention and its rotary positions (LTX-2.5's diffusion decoder).
 """

@@ -16,9 +16,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..core.comm import _broadcast, all_gather_sizes, group_rank, group_size
+from ..core.comm import _all_to_all_start, _broadcast, _wait_tensor, all_gather_sizes, group_rank, group_size
 
-__all__ = ["frame_noise"]
+__all__ = ["frame_noise", "canvas_noise"]
 
 
 def frame_noise(
@@ -42,3 +42,33 @@ def frame_noise(
     _broadcast(full, group, src=0)
     start = sum(sizes[: group_rank(group)])
     return full.narrow(0, start, rows)
+
+
+def canvas_noise(
+    shape: Sequence[int],
+    rows: int,
+    group,
+    *,
+    sizes: Sequence[int],
+    generator=None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """This rank's ``rows`` rows (dim -2) of diffusers' ``randn_tensor(shape, generator=generator)`` over the whole
+    canvas (``shape[-2]`` = the sum of ``sizes``, every rank's rows): the starting noise of a diffusion decoder
+    (LTX-2.5's ``x_t``). Every rank draws the whole canvas exactly as the unmodified model does, so every generator
+    advances alike (a list of per-sample generators included); group rank 0 then sends each rank its rows of its
+    canvas (one all-to-all: each rank receives its own rows only). Equal to the unmodified model's noise when rank
+    0's generator is in the state a single process's would be. A constant: no backward."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    full = randn_tensor(tuple(shape), generator=generator, device=device, dtype=dtype)
+    if group_size(group) == 1:
+        return full
+    me = group_rank(group)
+    # (.., rows, W) -> (rows, .., W): the all-to-all splits dim 0; only rank 0 sends
+    send = full.movedim(-2, 0) if me == 0 else full.movedim(-2, 0).narrow(0, 0, 0)
+    send_splits = list(sizes) if me == 0 else [0] * len(sizes)
+    recv_splits = [rows] + [0] * (len(sizes) - 1)
+    recv = _wait_tensor(_all_to_all_start(send.contiguous(), recv_splits, send_splits, group), "p2p")
+    return recv.movedim(0, -2).contiguous()
