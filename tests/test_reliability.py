@@ -339,12 +339,17 @@ def _dtype_worker(rank, world):
         results["layerwise-bf16-input"] = attempt(lambda: vae.decode(z.to(bf16)).sample)
         # under autocast plain diffusers runs a float32 model on bfloat16 latents: so must we, with its result
         vae = build_seeded_vae(layout="sd", width=8, latent=4, seed=0, dtype=f32)
+        truth = vae.decode(z.to(bf16).float()).sample  # the same latents, float32 throughout
         with torch.autocast("cpu", dtype=bf16):
             reference = vae.decode(z.to(bf16)).sample
         pv.enable_spatial_parallelism(vae)
         with torch.autocast("cpu", dtype=bf16):
             out = vae.decode(z.to(bf16)).sample
-        results["autocast"] = ("ok", str(out.dtype), float((out.float() - reference.float()).abs().max() / reference.float().abs().max()))
+
+        def err(a):
+            return float((a.float() - truth).abs().max() / truth.abs().max())
+
+        results["autocast"] = ("ok", str(out.dtype), err(out), err(reference))
     return results
 
 
@@ -366,9 +371,13 @@ def test_an_input_in_another_dtype_than_the_model_is_refused_naming_both(tmp_pat
     assert res["layerwise"] == ("ok", "torch.float32"), res["layerwise"]
     kind, message = res["layerwise-bf16-input"]
     assert kind == "ShardingError" and "the input is bfloat16 but the model computes in float32" in message, message
-    kind, dtype, err = res["autocast"]
+    kind, dtype, ours, own = res["autocast"]
     assert (kind, dtype) == ("ok", "torch.bfloat16"), res["autocast"]
-    assert err <= 1e-5, err  # the float32 bar: autocast runs the norms in float32 (measured: 0.0)
+    # The bfloat16 rule (tests/test_api.py): no farther from the float32 result than the unmodified model under the
+    # same autocast. Autocast runs the convs in bfloat16, so the two are not bit-equal wherever the kernel's
+    # accumulation order depends on the rows it is given: measured 0.0 apart on one machine, 1.7e-2 on an
+    # AVX2-only EPYC (oneDNN's bfloat16 convs there), where ours is 2.6e-2 from float32 and the unmodified 3.0e-2.
+    assert ours <= own, (ours, own)
     assert seconds < 60, seconds
 
 
