@@ -56,6 +56,10 @@ SHAPES = [(2, 6, 5, 7), (2, 6, 8, 32)]
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("shape", SHAPES, ids=["unblocked", "blocked"])
 def test_float64_exact_and_gradcheck(path, shape):
+    if path == "eager-chunks" and shape == SHAPES[1]:
+        # blocking is a property of the compiled statistics; the eager path at 48 elements a chunk would gradcheck
+        # this shape through ~130 chunks per call (157 s on the 2-core machine) to test nothing new
+        pytest.skip("the blocked statistics are compiled-path only")
     x, w, b = _case(shape, torch.float64)
     assert norm.kernel_mode(x) == ("compiled" if path == "compiled" else "eager")
     assert norm._stats_block(x.reshape(2, 3, 2, -1)) == (0 if shape == SHAPES[0] else 512)
