@@ -38,7 +38,6 @@ hold bit-identical statistics; no value is read on the host.
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 
@@ -93,30 +92,6 @@ def _shifted_stats_kernel(x4: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     s1, s2 = d.sum((2, 3)), d.square().sum((2, 3))
     mean_d = s1 / n
     return k + mean_d, (s2 - s1 * mean_d).clamp_min(0)
-
-
-def _blocked_shifted_stats_kernel(x4: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``_shifted_stats_kernel`` with each (sample, group)'s elements summed in blocks of ``block`` (<= 4096) and the
-    block sums summed after: a two-level summation. Same rounding class as the cascade summation inductor's C++
-    backend adds to any float sum longer than 4096 elements, without its per-element bookkeeping: measured on the
-    (1, 512, 128, 128) tensor, one thread, 2.97 -> 2.51 ms (float32) and 2.91 -> 1.79 ms (bfloat16). ``x4`` must be
-    contiguous (the blocks are a view)."""
-    dt = _stat_dtype(x4.dtype)
-    b, g, cg, p = x4.shape
-    n = cg * p
-    k = x4[..., : min(p, 64)].mean((2, 3), dtype=dt)  # (B, G) shift
-    d = (x4.to(dt) - k[..., None, None]).reshape(b, g, n // block, block)
-    s1, s2 = d.sum(-1).sum(-1), d.square().sum(-1).sum(-1)
-    mean_d = s1 / n
-    return k + mean_d, (s2 - s1 * mean_d).clamp_min(0)
-
-
-def _stats_block(x4: torch.Tensor) -> int:
-    """The block of ``_blocked_shifted_stats_kernel`` for ``x4``: the largest power of two <= 4096 dividing a
-    (sample, group)'s element count, or 0 (use the unblocked kernel) when that is under 256 or ``x4`` is not
-    contiguous."""
-    block = math.gcd(x4.shape[2] * x4.shape[3], 4096)
-    return block if block >= 256 and x4.is_contiguous() else 0
 
 
 def _normalize_kernel(x4, mean, rstd, weight, bias):
@@ -187,9 +162,6 @@ def group_stats(x4: torch.Tensor, mode: str = "eager") -> tuple[torch.Tensor, to
     """(B, G, Cg, P) local elements -> (mean, M2) per (sample, group) in the statistics dtype; eager chunks are merged
     with Chan's formula (each chunk's statistics are themselves two-pass)."""
     if mode == "compiled":
-        block = _stats_block(x4)
-        if block:
-            return _run("blocked_stats", _blocked_shifted_stats_kernel, x4, block)
         return _run("stats", _shifted_stats_kernel, x4)
     mean = m2 = None
     n = 0
