@@ -195,6 +195,20 @@ def temporal_tiles(frames: int, min_frames: int, stride: int) -> int:
     return -(-frames // stride) if frames > min_frames else 1
 
 
+class ScalingFactorLatents:
+    """Latent normalization by the config's ``scaling_factor`` alone, no shift: the pipelines decode
+    ``latents / scaling_factor`` (CogVideoX, HunyuanVideo-1.5, HunyuanImage-2.1 and its refiner). Put it before
+    :class:`FamilyAdapter` in an adapter's bases."""
+
+    def denormalize(self, vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
+        scale, _ = scaling_shift_normalization(vae)
+        return z / scale
+
+    def normalize(self, vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
+        scale, _ = scaling_shift_normalization(vae)
+        return z * scale
+
+
 def scaling_shift_normalization(vae: nn.Module) -> tuple[float, float]:
     """(scaling_factor, shift_factor) from the config: pipelines use ``(z - shift) * scale``."""
     cfg = vae.config

@@ -37,7 +37,7 @@ from ..core.halo import HaloConv
 from ..core.norm import ShardedGroupNorm
 from ..core.plan import SpatialState, Treatment, classify, original_class, sharded_class, unknown_module
 from ..layers.cogvideox_conv import HaloBelowPaddedConv, HaloOwnForwardConv
-from .base import FamilyAdapter, scaling_shift_normalization
+from .base import FamilyAdapter, ScalingFactorLatents
 
 __all__ = ["CogVideoXAdapter", "RowLocalSpatialNorm", "ADAPTER"]
 
@@ -127,7 +127,7 @@ def _resamplers(vae: nn.Module, cls: type) -> int:
     return sum(1 for m in vae.modules() if original_class(m) is cls)
 
 
-class CogVideoXAdapter(FamilyAdapter):
+class CogVideoXAdapter(ScalingFactorLatents, FamilyAdapter):
     name = "cogvideox"
     model_class = cog.AutoencoderKLCogVideoX
     video = True
@@ -166,14 +166,6 @@ class CogVideoXAdapter(FamilyAdapter):
             return f"{'decode' if latent else 'encode'} needs at least one {what} frame (dim 2), got {frames}"
         return None
 
-    def denormalize(self, vae, z: torch.Tensor) -> torch.Tensor:
-        """The CogVideoX pipelines decode ``latents / scaling_factor`` (no shift)."""
-        scale, _ = scaling_shift_normalization(vae)
-        return z / scale
-
-    def normalize(self, vae, z: torch.Tensor) -> torch.Tensor:
-        scale, _ = scaling_shift_normalization(vae)
-        return z * scale
 
 
 ADAPTER = CogVideoXAdapter()

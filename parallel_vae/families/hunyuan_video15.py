@@ -34,7 +34,7 @@ from ..core.attention import fan_out, start_kv_gather
 from ..core.comm import overlap_enabled
 from ..layers.pad_conv import HaloedInnerConv, HaloPadConv
 from ..core.plan import SpatialState, Treatment, classify, original_class, sharded_class, unknown_module
-from .base import FamilyAdapter, scaling_shift_normalization
+from .base import FamilyAdapter, ScalingFactorLatents
 
 __all__ = ["HunyuanVideo15Adapter", "ShardedCausalFrameAttention", "ADAPTER"]
 
@@ -127,7 +127,7 @@ def _resamplers(vae: nn.Module, cls: type) -> list[nn.Module]:
     return [m for m in vae.modules() if original_class(m) is cls]
 
 
-class HunyuanVideo15Adapter(FamilyAdapter):
+class HunyuanVideo15Adapter(ScalingFactorLatents, FamilyAdapter):
     name = "hunyuanvideo15"
     model_class = hv15.AutoencoderKLHunyuanVideo15
     video = True
@@ -169,13 +169,6 @@ class HunyuanVideo15Adapter(FamilyAdapter):
             )
         return None
 
-    def denormalize(self, vae, z):
-        scale, _ = scaling_shift_normalization(vae)
-        return z / scale
-
-    def normalize(self, vae, z):
-        scale, _ = scaling_shift_normalization(vae)
-        return z * scale
 
 
 ADAPTER = HunyuanVideo15Adapter()

@@ -32,7 +32,7 @@ from ..core.comm import overlap_enabled
 from ..core.halo import conv_treatment
 from ..core.norm import ShardedGroupNorm
 from ..core.plan import SpatialState, Treatment, classify, original_class, sharded_class, unknown_module
-from .base import FamilyAdapter, scaling_shift_normalization
+from .base import FamilyAdapter, ScalingFactorLatents
 
 __all__ = ["HunyuanImageAdapter", "ShardedImageAttention", "ADAPTER"]
 
@@ -95,7 +95,7 @@ def _count(vae: nn.Module, cls: type) -> int:
     return sum(original_class(m) is cls for m in vae.modules())
 
 
-class HunyuanImageAdapter(FamilyAdapter):
+class HunyuanImageAdapter(ScalingFactorLatents, FamilyAdapter):
     name = "hunyuanimage"
     model_class = hi.AutoencoderKLHunyuanImage
     video = False
@@ -121,13 +121,6 @@ class HunyuanImageAdapter(FamilyAdapter):
     def latent_channels(self, vae) -> int:
         return int(vae.config.latent_channels)
 
-    def denormalize(self, vae, z):
-        scale, _ = scaling_shift_normalization(vae)
-        return z / scale
-
-    def normalize(self, vae, z):
-        scale, _ = scaling_shift_normalization(vae)
-        return z * scale
 
 
 ADAPTER = HunyuanImageAdapter()

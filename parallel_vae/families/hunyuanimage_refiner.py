@@ -33,7 +33,7 @@ from ..core.attention import fan_out, start_kv_gather
 from ..core.comm import overlap_enabled
 from ..core.plan import SpatialState, Treatment, classify, original_class, sharded_class, unknown_module
 from ..layers.pad_conv import HaloedInnerConv, HaloPadConv
-from .base import FamilyAdapter, scaling_shift_normalization
+from .base import FamilyAdapter, ScalingFactorLatents
 
 __all__ = ["HunyuanImageRefinerAdapter", "ShardedClipAttention", "ADAPTER"]
 
@@ -115,7 +115,7 @@ def _resamplers(vae: nn.Module, cls: type) -> list:
     return [m for m in vae.modules() if original_class(m) is cls]
 
 
-class HunyuanImageRefinerAdapter(FamilyAdapter):
+class HunyuanImageRefinerAdapter(ScalingFactorLatents, FamilyAdapter):
     name = "hunyuanimage_refiner"
     model_class = hr.AutoencoderKLHunyuanImageRefiner
     video = True
@@ -148,13 +148,6 @@ class HunyuanImageRefinerAdapter(FamilyAdapter):
     def check_frames(self, vae, frames: int, latent: bool):
         return None if frames >= 1 else f"{'decode' if latent else 'encode'} needs at least 1 frame, got {frames}"
 
-    def denormalize(self, vae, z):
-        scale, _ = scaling_shift_normalization(vae)
-        return z / scale
-
-    def normalize(self, vae, z):
-        scale, _ = scaling_shift_normalization(vae)
-        return z * scale
 
 
 ADAPTER = HunyuanImageRefinerAdapter()
