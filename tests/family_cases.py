@@ -114,6 +114,24 @@ def second_reference(case: FCase) -> dict:
         return reference(case)
 
 
+def bad_shape_calls(vae, world: int, frames: int) -> tuple[dict, tuple, tuple, int]:
+    """The four shape mistakes every family must refuse with one clear error on every rank (too few latent rows, a
+    pixel height off the spatial factor, wrong latent and pixel channels), for an enabled ``vae`` on ``world``
+    ranks; with the leading dims ``(1, C[, frames])`` of pixels and latents and the spatial factor, for a test's
+    own extra calls."""
+    adapter = adapter_for(vae)
+    f, c, zc = adapter.spatial_factor(vae), adapter.pixel_channels(vae), adapter.latent_channels(vae)
+    lead = (1, c, frames) if adapter.video else (1, c)
+    zlead = (1, zc, frames) if adapter.video else (1, zc)
+    calls = {
+        "too_few_latent_rows": lambda: vae.decode(torch.zeros(zlead + (world - 1, 2))),
+        "pixel_height_not_multiple": lambda: vae.encode(torch.zeros(lead + (f * world + 1, f))),
+        "wrong_latent_channels": lambda: vae.decode(torch.zeros((1, zc + 1) + zlead[2:] + (world, 2))),
+        "wrong_pixel_channels": lambda: vae.encode(torch.zeros((1, c + 1) + lead[2:] + (f * world, f))),
+    }
+    return calls, lead, zlead, f
+
+
 def call_outcomes(calls: dict) -> dict:
     """name -> None if ``calls[name]()`` returned, else (exception type name, message): what the bad-input tests
     compare across ranks (every rank must raise the same clear error)."""

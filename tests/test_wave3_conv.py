@@ -20,7 +20,7 @@ import torch
 import parallel_vae as pv
 from parallel_vae.families import adapter_for
 from tests.dist_harness import run_ranks, values
-from tests.family_cases import FCase, call_outcomes, check_parity, make_model
+from tests.family_cases import FCase, bad_shape_calls, call_outcomes, check_parity, make_model
 
 Q21 = "qwenimage21"
 CASES = [
@@ -62,17 +62,8 @@ def _bad_input_worker(rank, world, layout):
     case = FCase(layout, "float32", world=world)
     vae = make_model(case, torch.float32)
     pv.enable_spatial_parallelism(vae)
-    adapter = adapter_for(vae)
-    f, c, zc = adapter.spatial_factor(vae), adapter.pixel_channels(vae), adapter.latent_channels(vae)
     frames, extra, _ = BAD_INPUT[layout]
-    lead = (1, c, frames) if adapter.video else (1, c)
-    zlead = (1, zc, frames) if adapter.video else (1, zc)
-    calls = {
-        "too_few_latent_rows": lambda: vae.decode(torch.zeros(zlead + (world - 1, 2))),
-        "pixel_height_not_multiple": lambda: vae.encode(torch.zeros(lead + (f * world + 1, f))),
-        "wrong_latent_channels": lambda: vae.decode(torch.zeros((1, zc + 1) + zlead[2:] + (world, 2))),
-        "wrong_pixel_channels": lambda: vae.encode(torch.zeros((1, c + 1) + lead[2:] + (f * world, f))),
-    }
+    calls, lead, zlead, f = bad_shape_calls(vae, world, frames)
     calls.update(extra(vae, world, lead, zlead, f))
     return call_outcomes(calls)
 

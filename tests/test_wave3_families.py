@@ -25,7 +25,7 @@ from parallel_vae.families import adapter_for
 from tests.dist_harness import run_ranks, values
 from tests.cases import BARS, PARAM_GRAD_SLACK, rel_err
 from tests.family_cases import (
-    FCase, cached_reference, call_outcomes, check, check_parity, make_inputs, make_model, param_grad_errors, reference,
+    FCase, bad_shape_calls, cached_reference, call_outcomes, check, check_parity, make_inputs, make_model, param_grad_errors, reference,
     world_results, worst,
 )
 
@@ -156,16 +156,7 @@ def _bad_input_worker(rank, world, layout):
     case = FCase(layout, "float32", world=world, width=width, overrides=overrides)
     vae = make_model(case, torch.float32)
     pv.enable_spatial_parallelism(vae)
-    adapter = adapter_for(vae)
-    f, c, zc = adapter.spatial_factor(vae), adapter.pixel_channels(vae), adapter.latent_channels(vae)
-    lead = (1, c, frames) if adapter.video else (1, c)
-    zlead = (1, zc, frames) if adapter.video else (1, zc)
-    calls = {
-        "too_few_latent_rows": lambda: vae.decode(torch.zeros(zlead + (world - 1, 2))),
-        "pixel_height_not_multiple": lambda: vae.encode(torch.zeros(lead + (f * world + 1, f))),
-        "wrong_latent_channels": lambda: vae.decode(torch.zeros((1, zc + 1) + zlead[2:] + (world, 2))),
-        "wrong_pixel_channels": lambda: vae.encode(torch.zeros((1, c + 1) + lead[2:] + (f * world, f))),
-    }
+    calls, lead, zlead, f = bad_shape_calls(vae, world, frames)
     calls.update(extra(vae, world, lead, zlead, f))
     return call_outcomes(calls)
 
